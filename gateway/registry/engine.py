@@ -1,0 +1,75 @@
+"""Engines for the registry: SQLite tuned for durability, PostgreSQL as it comes.
+
+SQLite settings, applied to every new connection:
+
+- ``journal_mode=WAL``: readers never block the writer, and a commit is one append to the log;
+- ``synchronous=FULL``: the log is synced at every commit, so a certificate row is on disk
+  before the certificate is published (NORMAL can lose the last commits on power loss);
+- ``foreign_keys=ON``: SQLite ignores foreign keys unless asked;
+- ``busy_timeout``: wait for another writer instead of failing at once.
+
+Write transactions start with ``BEGIN IMMEDIATE`` on SQLite. Python's sqlite3 module would
+start a deferred transaction, which takes the write lock only at the first write; two writers
+that both read first (the audit head, an identity) then deadlock-fail with "database is locked"
+without waiting. Taking the lock at BEGIN makes them queue on busy_timeout instead. This follows
+SQLAlchemy's documented recipe for pysqlite transactions:
+https://docs.sqlalchemy.org/en/20/dialects/sqlite.html#serializable-isolation-savepoints-transactional-ddl
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.pool import StaticPool
+
+__all__ = ["DEFAULT_BUSY_TIMEOUT_MS", "WRITE_OPTION", "create_registry_engine", "writer"]
+
+DEFAULT_BUSY_TIMEOUT_MS = 5000
+
+WRITE_OPTION = "fleetgate_write"
+"""Execution option marking a connection that will write (SQLite: BEGIN IMMEDIATE)."""
+
+
+def create_registry_engine(url: str, *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS) -> Engine:
+    """An engine for ``url``; SQLite connections get the settings described above."""
+    if isinstance(busy_timeout_ms, bool) or not isinstance(busy_timeout_ms, int):
+        raise TypeError("busy_timeout_ms must be an int")
+    if busy_timeout_ms < 0:
+        raise ValueError("busy_timeout_ms must be >= 0")
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(parsed, pool_pre_ping=True)
+
+    options: dict[str, Any] = {}
+    if parsed.database in (None, "", ":memory:"):
+        # An in-memory database lives in one connection: share it rather than get a fresh,
+        # empty database per pooled connection.
+        options = {"poolclass": StaticPool, "connect_args": {"check_same_thread": False}}
+    engine = create_engine(parsed, **options)
+
+    @event.listens_for(engine, "connect")
+    def _configure(dbapi_connection: Any, _record: Any) -> None:
+        # The driver must not open transactions on its own; the "begin" hook below does.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Connection) -> None:
+        immediate = connection.get_execution_options().get(WRITE_OPTION, False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+def writer(engine: Engine) -> Engine:
+    """The same engine (same pool) with connections marked for writing."""
+    return engine.execution_options(**{WRITE_OPTION: True})

@@ -1,0 +1,1 @@
+"""Alembic revisions of the registry (a package so it ships inside the wheel)."""

@@ -1,0 +1,760 @@
+"""The rules every ``Store`` keeps, checked against the in-memory store and the SQL registry."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import sqlite3
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from gateway.audit import GENESIS_HASH, verify_chain
+from gateway.lifecycle import TransitionError
+from gateway.registry import SqlStore
+from gateway.store import (
+    AuditCheckpoint,
+    AuditEntry,
+    CertificateRecord,
+    CertificateStatus,
+    DuplicateError,
+    IdentityRecord,
+    IdentityState,
+    NonceCheck,
+    NonceRecord,
+    Store,
+    StoredResponse,
+    StoreError,
+    TokenCheck,
+    TokenRecord,
+)
+from gateway.store_memory import MemoryStore
+from pki.profile import IdentityKind
+
+T0 = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
+BIG_SERIAL = (1 << 158) + 12345  # 159 bits, like the serials pki.issue draws
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    sql = SqlStore(f"sqlite:///{tmp_path / 'registry.db'}")
+    yield sql
+    sql.close()
+
+
+def identity(
+    name: str = "dev-1",
+    state: IdentityState = IdentityState.ACTIVE,
+    *,
+    kind: IdentityKind = IdentityKind.DEVICE,
+    birth: str | None = None,
+) -> IdentityRecord:
+    return IdentityRecord(
+        id=name,
+        kind=kind,
+        state=state,
+        created_at=T0,
+        updated_at=T0,
+        manufacturer="Acme",
+        model="TH-1",
+        firmware_version="1.2.3",
+        firmware_digest="ab" * 32,
+        birth_fingerprint=birth if birth is not None else f"birth-{name}",
+    )
+
+
+def certificate(
+    serial: int, owner: str = "dev-1", key: str | None = None, issued: datetime = T0
+) -> CertificateRecord:
+    return CertificateRecord(
+        serial=serial,
+        identity_id=owner,
+        public_key_fingerprint=key if key is not None else f"key-{serial:x}",
+        not_before=issued - timedelta(seconds=60),
+        not_after=issued + timedelta(hours=1),
+        issued_at=issued,
+        pem=f"-----BEGIN CERTIFICATE-----\n{serial:x}\n-----END CERTIFICATE-----\n",
+        request_id=f"req-{serial:x}",
+    )
+
+
+def response(
+    owner: str = "dev-1", request_id: str = "req-1", outcome: str = "issued"
+) -> StoredResponse:
+    return StoredResponse(
+        identity_id=owner,
+        request_id=request_id,
+        kind="enroll",
+        outcome=outcome,
+        payload=b'{"type":"' + outcome.encode() + b'"}',
+        at=T0,
+        request_digest="cd" * 32,
+        reason=None if outcome != "rejected" else "nonce_expired",
+    )
+
+
+def entry(action: str = "enroll", subject: str = "dev-1", **detail: str) -> AuditEntry:
+    return AuditEntry(
+        actor=f"device:{subject}",
+        action=action,
+        subject=subject,
+        outcome="ok",
+        at=T0,
+        reasons=("r1",) if detail else (),
+        detail=detail,
+    )
+
+
+def snapshot(store: Store) -> tuple[object, ...]:
+    """Everything a refused call must leave untouched."""
+    return (
+        store.list_identities(),
+        store.certificates_for("dev-1"),
+        store.certificates_for("dev-2"),
+        store.get_response("dev-1", "req-1"),
+        store.get_response("dev-1", "req-2"),
+        store.audit_records(),
+    )
+
+
+# identities
+
+
+def test_identity_round_trips_every_field(store: Store) -> None:
+    record = dataclasses.replace(
+        identity(), role=None, last_seen_at=T0 + timedelta(microseconds=7), reattest_required=True
+    )
+    store.put_identity(record)
+    assert store.get_identity("dev-1") == record
+    assert store.get_identity("nobody") is None
+
+
+def test_put_identity_replaces_by_id(store: Store) -> None:
+    store.put_identity(identity(state=IdentityState.PENDING))
+    store.put_identity(dataclasses.replace(identity(), firmware_version="2.0.0"))
+    assert store.get_identity("dev-1") == dataclasses.replace(identity(), firmware_version="2.0.0")
+    assert len(store.list_identities()) == 1
+
+
+def test_times_in_other_zones_come_back_as_the_same_instant(store: Store) -> None:
+    plus_two = datetime(2026, 3, 1, 14, 0, tzinfo=UTC).astimezone(timezone(timedelta(hours=2)))
+    store.put_identity(dataclasses.replace(identity(), created_at=plus_two))
+    got = store.get_identity("dev-1")
+    assert got is not None
+    assert got.created_at == plus_two
+    assert got.created_at.utcoffset() == timedelta(0)
+
+
+def test_list_identities_filters_by_kind_and_state(store: Store) -> None:
+    store.put_identity(identity("b-dev", IdentityState.ACTIVE))
+    store.put_identity(identity("a-dev", IdentityState.PENDING))
+    store.put_identity(identity("alice", IdentityState.ACTIVE, kind=IdentityKind.OPERATOR))
+    assert [i.id for i in store.list_identities()] == ["a-dev", "alice", "b-dev"]
+    assert [i.id for i in store.list_identities(kind=IdentityKind.DEVICE)] == ["a-dev", "b-dev"]
+    assert [i.id for i in store.list_identities(state=IdentityState.ACTIVE)] == ["alice", "b-dev"]
+    assert [
+        i.id for i in store.list_identities(kind=IdentityKind.DEVICE, state=IdentityState.PENDING)
+    ] == ["a-dev"]
+    assert store.list_identities(state=IdentityState.REVOKED) == []
+
+
+def test_find_by_birth_fingerprint(store: Store) -> None:
+    store.put_identity(identity("dev-1", birth="f1"))
+    found = store.find_by_birth_fingerprint("f1")
+    assert found is not None and found.id == "dev-1"
+    assert store.find_by_birth_fingerprint("f2") is None
+
+
+def test_birth_certificate_cannot_belong_to_two_identities(store: Store) -> None:
+    store.put_identity(identity("dev-1", birth="f1"), [entry()])
+    before = snapshot(store)
+    with pytest.raises(DuplicateError):
+        store.put_identity(identity("dev-2", birth="f1"), [entry(subject="dev-2")])
+    assert snapshot(store) == before
+
+
+def test_put_identity_appends_its_audit_events(store: Store) -> None:
+    store.put_identity(identity(), [entry("enroll"), entry("approve")])
+    assert [r.entry.action for r in store.audit_records()] == ["enroll", "approve"]
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"created_at": datetime(2026, 1, 1)}, ValueError),  # naive: its zone would be a guess
+        ({"kind": "robot"}, ValueError),
+        ({"state": "sleeping"}, ValueError),
+    ],
+)
+def test_bad_identity_is_refused_and_nothing_written(
+    store: Store, change: dict[str, object], error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        store.put_identity(dataclasses.replace(identity(), **change), [entry()])  # type: ignore[arg-type]
+    assert store.list_identities() == []
+    assert store.audit_records() == []
+
+
+def test_touch_sets_last_seen_only(store: Store) -> None:
+    store.put_identity(identity())
+    seen = T0 + timedelta(minutes=5)
+    store.touch("dev-1", seen)
+    assert store.get_identity("dev-1") == dataclasses.replace(identity(), last_seen_at=seen)
+    assert store.audit_records() == []
+
+
+def test_touch_unknown_identity_is_a_key_error(store: Store) -> None:
+    with pytest.raises(KeyError):
+        store.touch("ghost", T0)
+
+
+def test_touch_with_naive_time_is_refused(store: Store) -> None:
+    store.put_identity(identity())
+    with pytest.raises(ValueError):
+        store.touch("dev-1", datetime(2026, 1, 1))
+    assert store.get_identity("dev-1") == identity()
+
+
+# nonces
+
+
+def nonce(value: bytes = b"\x01" * 16, device: str = "dev-1", ttl: float = 30) -> NonceRecord:
+    return NonceRecord(
+        value=value, device_id=device, issued_at=T0, expires_at=T0 + timedelta(seconds=ttl)
+    )
+
+
+def test_nonce_is_single_use(store: Store) -> None:
+    store.put_nonce(nonce())
+    assert store.consume_nonce(b"\x01" * 16, "dev-1", T0 + timedelta(seconds=1)) is NonceCheck.OK
+    assert store.consume_nonce(b"\x01" * 16, "dev-1", T0 + timedelta(seconds=2)) is (
+        NonceCheck.REUSED
+    )
+
+
+def test_unknown_nonce(store: Store) -> None:
+    assert store.consume_nonce(b"\x09" * 16, "dev-1", T0) is NonceCheck.UNKNOWN
+
+
+def test_nonce_expires_at_its_deadline(store: Store) -> None:
+    store.put_nonce(nonce(ttl=30))
+    assert store.consume_nonce(b"\x01" * 16, "dev-1", T0 + timedelta(seconds=30)) is (
+        NonceCheck.EXPIRED
+    )
+
+
+def test_nonce_of_another_device_is_refused_and_stays_usable(store: Store) -> None:
+    store.put_nonce(nonce(device="dev-1"))
+    assert store.consume_nonce(b"\x01" * 16, "dev-2", T0) is NonceCheck.OTHER_DEVICE
+    assert store.consume_nonce(b"\x01" * 16, "dev-1", T0) is NonceCheck.OK
+
+
+def test_nonce_cannot_be_issued_twice(store: Store) -> None:
+    store.put_nonce(nonce(device="dev-1"))
+    with pytest.raises(DuplicateError):
+        store.put_nonce(nonce(device="dev-2"))
+    assert store.consume_nonce(b"\x01" * 16, "dev-1", T0) is NonceCheck.OK
+
+
+@pytest.mark.parametrize(
+    ("value", "error"), [("0101", TypeError), (b"", ValueError), (b"x" * 65, ValueError)]
+)
+def test_bad_nonce_value_is_refused(store: Store, value: object, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        store.put_nonce(dataclasses.replace(nonce(), value=value))  # type: ignore[arg-type]
+    with pytest.raises(error):
+        store.consume_nonce(value, "dev-1", T0)  # type: ignore[arg-type]
+
+
+def test_consume_nonce_with_naive_time_is_refused(store: Store) -> None:
+    store.put_nonce(nonce())
+    with pytest.raises(ValueError):
+        store.consume_nonce(b"\x01" * 16, "dev-1", datetime(2026, 3, 1, 12))
+    assert store.consume_nonce(b"\x01" * 16, "dev-1", T0) is NonceCheck.OK
+
+
+def test_concurrent_consumers_of_one_nonce_get_exactly_one_ok(store: Store) -> None:
+    store.put_nonce(nonce())
+    results: list[NonceCheck] = []
+    barrier = threading.Barrier(6)
+
+    def consume() -> None:
+        barrier.wait()
+        results.append(store.consume_nonce(b"\x01" * 16, "dev-1", T0))
+
+    threads = [threading.Thread(target=consume) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == sorted([NonceCheck.OK] + [NonceCheck.REUSED] * 5)
+
+
+# bootstrap tokens
+
+
+def token(token_hash: str = "ee" * 32, device: str = "dev-9", ttl: float = 3600) -> TokenRecord:
+    return TokenRecord(
+        token_hash=token_hash,
+        device_id=device,
+        created_at=T0,
+        expires_at=T0 + timedelta(seconds=ttl),
+        created_by="cli:root",
+    )
+
+
+def test_token_is_single_use_and_audited(store: Store) -> None:
+    store.put_token(token(), [entry("token_create", "dev-9")])
+    assert [r.entry.action for r in store.audit_records()] == ["token_create"]
+    assert store.consume_token("ee" * 32, "dev-9", T0) is TokenCheck.OK
+    assert store.consume_token("ee" * 32, "dev-9", T0) is TokenCheck.REUSED
+
+
+def test_token_unknown_expired_other_device(store: Store) -> None:
+    store.put_token(token(ttl=10))
+    assert store.consume_token("ff" * 32, "dev-9", T0) is TokenCheck.UNKNOWN
+    assert store.consume_token("ee" * 32, "dev-8", T0) is TokenCheck.OTHER_DEVICE
+    assert store.consume_token("ee" * 32, "dev-9", T0 + timedelta(seconds=10)) is (
+        TokenCheck.EXPIRED
+    )
+
+
+def test_token_cannot_be_created_twice(store: Store) -> None:
+    store.put_token(token(), [entry("token_create", "dev-9")])
+    with pytest.raises(DuplicateError):
+        store.put_token(token(device="dev-7"), [entry("token_create", "dev-7")])
+    assert len(store.audit_records()) == 1
+    assert store.consume_token("ee" * 32, "dev-7", T0) is TokenCheck.OTHER_DEVICE
+
+
+def test_token_with_naive_expiry_is_refused(store: Store) -> None:
+    with pytest.raises(ValueError):
+        store.put_token(dataclasses.replace(token(), expires_at=datetime(2027, 1, 1)))
+    assert store.consume_token("ee" * 32, "dev-9", T0) is TokenCheck.UNKNOWN
+
+
+# certificates and outcomes
+
+
+def issue(store: Store, serial: int, request_id: str, **kwargs: object) -> None:
+    store.record_outcome(
+        response=response(request_id=request_id),
+        identity=identity(),
+        certificate=certificate(serial, **kwargs),  # type: ignore[arg-type]
+        audit=[entry("issue", serial=f"{serial:x}")],
+    )
+
+
+def test_record_outcome_stores_everything_in_one_go(store: Store) -> None:
+    issue(store, BIG_SERIAL, "req-1")
+    assert store.get_identity("dev-1") == identity()
+    assert store.get_certificate(BIG_SERIAL) == certificate(BIG_SERIAL)
+    assert store.certificates_for("dev-1") == [certificate(BIG_SERIAL)]
+    assert store.get_response("dev-1", "req-1") == response()
+    assert store.key_fingerprint_used(f"key-{BIG_SERIAL:x}")
+    assert not store.key_fingerprint_used("key-other")
+    assert [r.entry.detail for r in store.audit_records()] == [{"serial": f"{BIG_SERIAL:x}"}]
+
+
+def test_largest_and_smallest_serials_round_trip(store: Store) -> None:
+    store.put_identity(identity())
+    for number, serial in enumerate((1, 2**160 - 1)):
+        store.record_outcome(
+            response=response(request_id=f"req-{number}"), certificate=certificate(serial)
+        )
+    assert store.get_certificate(1) is not None
+    assert store.get_certificate(2**160 - 1) is not None
+
+
+@pytest.mark.parametrize(
+    ("serial", "error"),
+    [(0, ValueError), (-5, ValueError), (2**160, ValueError), (True, TypeError)],
+)
+def test_bad_serial_is_refused_and_nothing_written(
+    store: Store, serial: int, error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        store.record_outcome(
+            response=response(), identity=identity(), certificate=certificate(serial)
+        )
+    assert snapshot(store) == ([], [], [], None, None, [])
+
+
+def test_new_certificate_supersedes_the_active_one(store: Store) -> None:
+    store.put_identity(identity("dev-2", birth="b2"))
+    store.record_outcome(
+        response=response("dev-2", "r"), certificate=certificate(7, owner="dev-2")
+    )
+    issue(store, 10, "req-1")
+    issue(store, 11, "req-2", issued=T0 + timedelta(minutes=40))
+    statuses = [(c.serial, c.status) for c in store.certificates_for("dev-1")]
+    assert statuses == [(10, CertificateStatus.SUPERSEDED), (11, CertificateStatus.ACTIVE)]
+    assert store.certificates_for("dev-2")[0].status is CertificateStatus.ACTIVE
+
+
+def test_response_without_certificate_for_unknown_device(store: Store) -> None:
+    store.record_outcome(
+        response=response("stranger", "hello-1", "rejected"),
+        audit=[entry("reject", "stranger")],
+    )
+    assert store.get_response("stranger", "hello-1") == response("stranger", "hello-1", "rejected")
+    assert store.get_identity("stranger") is None
+
+
+def test_get_response_unknown_is_none(store: Store) -> None:
+    assert store.get_response("dev-1", "nope") is None
+
+
+@pytest.mark.parametrize("clash", ["serial", "key"])
+def test_duplicate_certificate_writes_nothing(store: Store, clash: str) -> None:
+    issue(store, 10, "req-1")
+    before = snapshot(store)
+    changed = dataclasses.replace(identity(), firmware_version="9.9.9")
+    duplicate = (
+        certificate(10, key="key-fresh") if clash == "serial" else certificate(99, key="key-a")
+    )
+    with pytest.raises(DuplicateError):
+        store.record_outcome(
+            response=response(request_id="req-2"),
+            identity=changed,
+            certificate=duplicate,
+            audit=[entry("issue")],
+        )
+    assert snapshot(store) == before
+    assert store.get_certificate(10) == certificate(10)
+
+
+def test_duplicate_key_fingerprint_across_identities(store: Store) -> None:
+    issue(store, 10, "req-1", key="shared")
+    store.put_identity(identity("dev-2", birth="b2"))
+    before = snapshot(store)
+    with pytest.raises(DuplicateError):
+        store.record_outcome(
+            response=response("dev-2", "req-1"), certificate=certificate(20, "dev-2", "shared")
+        )
+    assert snapshot(store) == before
+
+
+def test_answered_request_cannot_be_answered_again(store: Store) -> None:
+    issue(store, 10, "req-1")
+    before = snapshot(store)
+    with pytest.raises(DuplicateError):
+        store.record_outcome(response=response(outcome="rejected"), audit=[entry("reject")])
+    assert snapshot(store) == before
+
+
+def test_pending_answer_is_replaced_when_the_approved_request_is_retried(store: Store) -> None:
+    store.record_outcome(
+        response=response(outcome="pending"),
+        identity=identity(state=IdentityState.PENDING),
+        audit=[entry("enroll")],
+    )
+    store.change_state("dev-1", IdentityState.ACTIVE, T0, [entry("approve")])
+    store.record_outcome(response=response(), certificate=certificate(10), audit=[entry("issue")])
+    assert store.get_response("dev-1", "req-1") == response()
+    assert [c.serial for c in store.certificates_for("dev-1")] == [10]
+    with pytest.raises(DuplicateError):
+        store.record_outcome(response=response(outcome="pending"))
+
+
+def test_certificate_for_unknown_identity_is_a_key_error(store: Store) -> None:
+    with pytest.raises(KeyError):
+        store.record_outcome(
+            response=response("ghost"), certificate=certificate(5, "ghost"), audit=[entry()]
+        )
+    assert store.get_response("ghost", "req-1") is None
+    assert store.audit_records() == []
+
+
+def test_bad_audit_entry_rolls_back_the_whole_outcome(store: Store) -> None:
+    naive = dataclasses.replace(entry(), at=datetime(2026, 1, 1))
+    with pytest.raises(ValueError):
+        store.record_outcome(
+            response=response(), identity=identity(), certificate=certificate(5), audit=[naive]
+        )
+    assert snapshot(store) == ([], [], [], None, None, [])
+    assert not store.key_fingerprint_used("key-5")
+
+
+def test_audit_detail_must_be_text(store: Store) -> None:
+    with pytest.raises(TypeError):
+        store.append_audit([dataclasses.replace(entry(), detail={"count": 3})])  # type: ignore[dict-item]
+    assert store.audit_records() == []
+
+
+# lifecycle
+
+
+def test_change_state_returns_the_updated_identity(store: Store) -> None:
+    store.put_identity(identity(state=IdentityState.PENDING))
+    later = T0 + timedelta(minutes=1)
+    changed = store.change_state("dev-1", IdentityState.ACTIVE, later, [entry("approve")])
+    assert changed == dataclasses.replace(identity(), state=IdentityState.ACTIVE, updated_at=later)
+    assert store.get_identity("dev-1") == changed
+    assert [r.entry.action for r in store.audit_records()] == ["approve"]
+
+
+def test_quarantine_and_release(store: Store) -> None:
+    store.put_identity(identity())
+    store.change_state("dev-1", IdentityState.QUARANTINED, T0)
+    store.change_state("dev-1", IdentityState.ACTIVE, T0)
+    got = store.get_identity("dev-1")
+    assert got is not None and got.state is IdentityState.ACTIVE
+
+
+@pytest.mark.parametrize(
+    ("start", "wanted"),
+    [
+        (IdentityState.ACTIVE, IdentityState.PENDING),
+        (IdentityState.ACTIVE, IdentityState.ACTIVE),
+        (IdentityState.REVOKED, IdentityState.ACTIVE),
+        (IdentityState.QUARANTINED, IdentityState.PENDING),
+    ],
+)
+def test_forbidden_transition_changes_nothing(
+    store: Store, start: IdentityState, wanted: IdentityState
+) -> None:
+    store.put_identity(identity(state=start))
+    with pytest.raises(TransitionError):
+        store.change_state("dev-1", wanted, T0 + timedelta(hours=1), [entry("approve")])
+    assert store.get_identity("dev-1") == identity(state=start)
+    assert store.audit_records() == []
+
+
+def test_change_state_of_unknown_identity_is_a_key_error(store: Store) -> None:
+    with pytest.raises(KeyError):
+        store.change_state("ghost", IdentityState.REVOKED, T0, [entry("revoke", "ghost")])
+    assert store.audit_records() == []
+
+
+def test_revoke_marks_every_certificate_revoked(store: Store) -> None:
+    issue(store, 10, "req-1")
+    issue(store, 11, "req-2")
+    store.put_identity(identity("dev-2", birth="b2"))
+    store.record_outcome(response=response("dev-2", "r"), certificate=certificate(20, "dev-2"))
+    when = T0 + timedelta(minutes=3)
+    store.change_state(
+        "dev-1", IdentityState.REVOKED, when, [entry("revoke")], revocation_reason="key_compromise"
+    )
+    revoked = store.revoked_certificates()
+    assert [c.serial for c in revoked] == [10, 11]
+    assert all(
+        c.status is CertificateStatus.REVOKED
+        and c.revoked_at == when
+        and c.revocation_reason == "key_compromise"
+        for c in revoked
+    )
+    assert store.get_certificate(20) == certificate(20, "dev-2")
+
+
+# audit trail
+
+
+def test_audit_is_chained_across_every_kind_of_call(store: Store) -> None:
+    store.put_identity(identity(state=IdentityState.PENDING), [entry("enroll")])
+    store.change_state("dev-1", IdentityState.ACTIVE, T0, [entry("approve")])
+    store.record_outcome(
+        response=response(), certificate=certificate(10), audit=[entry("issue"), entry("note")]
+    )
+    store.put_token(token(), [entry("token_create", "dev-9")])
+    appended = store.append_audit([entry("login", "alice")])
+    records = store.audit_records()
+    assert [r.seq for r in records] == [1, 2, 3, 4, 5, 6]
+    assert records[0].prev_hash == GENESIS_HASH
+    assert all(b.prev_hash == a.hash for a, b in itertools.pairwise(records))
+    assert appended == records[-1:]
+    assert verify_chain(records, []).ok
+
+
+def test_audit_records_pages(store: Store) -> None:
+    store.append_audit([entry(str(n)) for n in range(5)])
+    assert [r.seq for r in store.audit_records(after_seq=2)] == [3, 4, 5]
+    assert [r.seq for r in store.audit_records(after_seq=1, limit=2)] == [2, 3]
+    assert store.audit_records(after_seq=5) == []
+    assert store.audit_records(limit=0) == []
+    with pytest.raises(ValueError):
+        store.audit_records(limit=-1)
+
+
+def test_append_nothing_is_a_no_op(store: Store) -> None:
+    assert store.append_audit([]) == []
+    assert store.audit_records() == []
+
+
+def test_audit_entries_round_trip_exactly(store: Store) -> None:
+    unusual = AuditEntry(
+        actor="operator:zoë",
+        action="quarantine",
+        subject="dev-1",
+        outcome="ok",
+        at=T0,
+        reasons=("firmware_not_allowed", "manual"),
+        detail={"note": 'quotes " and \\ and ünïcode', "ticket": "42"},
+    )
+    stored = store.append_audit([unusual])
+    assert store.audit_records() == stored
+    assert stored[0].entry == unusual
+
+
+def test_stored_audit_cannot_be_changed_through_a_returned_dict(store: Store) -> None:
+    original = entry(note="a")
+    store.append_audit([original])
+    original.detail["note"] = "changed after append"
+    store.audit_records()[0].entry.detail["note"] = "changed after read"
+    assert store.audit_records()[0].entry.detail == {"note": "a"}
+
+
+def test_checkpoints_are_kept_in_order_and_unique(store: Store) -> None:
+    first = AuditCheckpoint(seq=5, hash="aa" * 32, at=T0, signature=b"sig5", key_id="k" * 64)
+    second = dataclasses.replace(first, seq=2, signature=b"sig2")
+    store.put_checkpoint(first)
+    store.put_checkpoint(second)
+    assert store.checkpoints() == [second, first]
+    with pytest.raises(DuplicateError):
+        store.put_checkpoint(dataclasses.replace(first, signature=b"other"))
+    assert store.checkpoints() == [second, first]
+
+
+def test_checkpoint_with_naive_time_is_refused(store: Store) -> None:
+    with pytest.raises(ValueError):
+        store.put_checkpoint(
+            AuditCheckpoint(seq=1, hash="aa" * 32, at=datetime(2026, 1, 1), signature=b"s",
+                            key_id="k")
+        )
+    assert store.checkpoints() == []
+
+
+def test_concurrent_writers_keep_one_unbroken_chain(store: Store) -> None:
+    store.put_identity(identity(state=IdentityState.PENDING))
+    errors: list[BaseException] = []
+
+    def work(worker: int) -> None:
+        try:
+            for n in range(5):
+                store.append_audit([entry(f"w{worker}-{n}")])
+                store.record_outcome(
+                    response=response(request_id=f"w{worker}-{n}", outcome="rejected"),
+                    audit=[entry("reject")],
+                )
+        except BaseException as error:  # surfaced by the assertion below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    records = store.audit_records()
+    assert len(records) == 40
+    assert verify_chain(records, []).ok
+
+
+# the SQL registry only: durability and failures
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def test_sql_registry_keeps_everything_across_reopen(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path / "registry.db")
+    with SqlStore(url) as first:
+        issue(first, BIG_SERIAL, "req-1")
+        first.put_nonce(nonce())
+    with SqlStore.open(url) as second:
+        assert second.get_certificate(BIG_SERIAL) == certificate(BIG_SERIAL)
+        assert second.consume_nonce(b"\x01" * 16, "dev-1", T0) is NonceCheck.OK
+        assert verify_chain(second.audit_records(), []).ok
+
+
+def test_sql_registry_uses_wal_and_full_sync(tmp_path: Path) -> None:
+    with SqlStore(sqlite_url(tmp_path / "registry.db")) as sql, sql.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+
+
+def test_read_only_database_is_a_store_error(tmp_path: Path) -> None:
+    """A database opened read-only (SQLite URI ``mode=ro``: the OS-level permission bits do not
+    stop root, which the tests run as, but SQLite honours the mode for everyone) refuses every
+    write with StoreError, still answers reads, and a writable opening works on the same file."""
+    path = tmp_path / "registry.db"
+    with SqlStore(sqlite_url(path)) as writable:
+        writable.put_identity(identity())
+    read_only = SqlStore(f"sqlite:///file:{path}?mode=ro&uri=true")
+    try:
+        with pytest.raises(StoreError, match="read-only"):
+            read_only.put_identity(identity("dev-2", birth="b2"), [entry()])
+        with pytest.raises(StoreError, match="read-only"):
+            read_only.append_audit([entry()])
+        assert read_only.get_identity("dev-1") == identity()
+    finally:
+        read_only.close()
+    with SqlStore(sqlite_url(path)) as writable:
+        assert writable.get_identity("dev-2") is None
+        writable.put_identity(identity("dev-2", birth="b2"))
+        assert [i.id for i in writable.list_identities()] == ["dev-1", "dev-2"]
+
+
+def test_locked_database_is_a_store_error_and_the_store_recovers(tmp_path: Path) -> None:
+    """Another process holding SQLite's write lock (a backup, a stuck admin shell) makes writes
+    fail once busy_timeout runs out; the same store works again as soon as the lock is gone."""
+    path = tmp_path / "registry.db"
+    sql = SqlStore(sqlite_url(path), busy_timeout_ms=50)
+    try:
+        sql.put_identity(identity())
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")
+        try:
+            with pytest.raises(StoreError, match="locked"):
+                sql.change_state("dev-1", IdentityState.QUARANTINED, T0, [entry("quarantine")])
+            with pytest.raises(StoreError, match="locked"):
+                sql.put_nonce(nonce())
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert sql.change_state("dev-1", IdentityState.QUARANTINED, T0).state is (
+            IdentityState.QUARANTINED
+        )
+        sql.put_nonce(nonce())
+        assert sql.consume_nonce(b"\x01" * 16, "dev-1", T0) is NonceCheck.OK
+    finally:
+        sql.close()
+
+
+def test_immutable_database_file_fails_writes_until_made_writable(tmp_path: Path) -> None:
+    """The file-system's immutable flag (``chattr +i``) stops even root from writing, unlike
+    permission bits. Writes fail with StoreError while it is set and succeed on the same store
+    once it is cleared. Skipped where the file system or the container does not allow it."""
+    import shutil
+    import subprocess
+
+    chattr = shutil.which("chattr")
+    if chattr is None:
+        pytest.skip("chattr is not available")
+    path = tmp_path / "registry.db"
+    sql = SqlStore(sqlite_url(path))
+    try:
+        sql.put_identity(identity())
+        sql.close()  # reconnect below under the immutable flag
+        files = [p for p in (path, path.with_name("registry.db-wal"), tmp_path) if p.exists()]
+        done = subprocess.run([chattr, "+i", *map(str, files)], capture_output=True, check=False)
+        if done.returncode != 0:
+            subprocess.run([chattr, "-i", *map(str, files)], capture_output=True, check=False)
+            pytest.skip(f"chattr +i not permitted here: {done.stderr.decode().strip()}")
+        try:
+            with pytest.raises(StoreError):
+                sql.put_identity(identity("dev-2", birth="b2"), [entry()])
+        finally:
+            subprocess.run([chattr, "-i", *map(str, files)], check=True)
+        sql.put_identity(identity("dev-2", birth="b2"), [entry()])
+        assert [i.id for i in sql.list_identities()] == ["dev-1", "dev-2"]
+    finally:
+        sql.close()
