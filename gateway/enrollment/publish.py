@@ -1,0 +1,21 @@
+"""What the enrollment core asks the transport to publish."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Publish:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.topic, str) or not self.topic:
+            raise ValueError("topic must be a non-empty string")
+        if not isinstance(self.payload, bytes):
+            raise TypeError("payload must be bytes")
+        if self.qos not in (0, 1, 2):
+            raise ValueError("qos must be 0, 1 or 2")
