@@ -1,0 +1,44 @@
+"""The one interface between the gateway's decisions and the broker that enforces them.
+
+The gateway decides (registry, lifecycle, CRL); a broker enforces, at once. Two
+implementations: ``gateway.broker.EmbeddedBroker`` (amqtt in this process; the default) and
+``gateway.mosquitto.MosquittoBroker`` (Mosquitto 2 with dynamic security, for production).
+The service and the benchmarks talk to this protocol only.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from gateway.acl import Principal
+from gateway.store import IdentityState
+
+
+class BrokerControl(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+    @property
+    def ports(self) -> dict[str, int]:
+        """Bound ports: ``enrollment``, ``operational`` and ``internal`` (the gateway's own
+        client connects there with a username and password)."""
+        ...
+
+    async def apply(self, identity_id: str, state: IdentityState) -> None:
+        """Enforce an identity's state now, on a live session too: active -> its own topics;
+        quarantined -> only its quarantine topics, still connected; revoked -> session cut and
+        every later connection refused; pending -> no operational access."""
+        ...
+
+    async def kick(self, client_id: str) -> bool:
+        """Cut a live session; False if no such session."""
+        ...
+
+    async def publish_crl(self, crl_pem: bytes) -> None:
+        """Refuse certificates on this CRL at the next handshake (and keep nextUpdate fresh:
+        an expired CRL locks every client out of Mosquitto)."""
+        ...
+
+    def connected(self) -> dict[str, Principal]:
+        """Client id -> who is connected now."""
+        ...
