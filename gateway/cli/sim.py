@@ -1,0 +1,78 @@
+"""`fleetgate sim`: simulated sensors against a running gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Annotated
+
+import typer
+
+from gateway.cli.common import HomeOption, JsonOption, console, fail, print_json, settings_for
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise typer.BadParameter(f"{text!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def sim_command(
+    devices: Annotated[int, typer.Option(help="How many sensors.")] = 25,
+    duration: Annotated[
+        float | None, typer.Option(help="Stop after this many seconds (default: until Ctrl-C).")
+    ] = None,
+    gateway: Annotated[
+        str | None,
+        typer.Option(help="Enrollment listener HOST:PORT (default: from the home's settings)."),
+    ] = None,
+    operational_port: Annotated[
+        int | None, typer.Option(help="Operational listener port (default: from settings).")
+    ] = None,
+    cert_lifetime: Annotated[
+        int | None, typer.Option(help="Ask for certificates this short (seconds, >= 60).")
+    ] = None,
+    telemetry_interval: Annotated[float, typer.Option(help="Seconds between readings.")] = 5.0,
+    home: HomeOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Sensors with factory birth certificates enroll, publish telemetry and renew."""
+    from simulators.factory import trust_factory
+    from simulators.fleet import FleetOptions, run_fleet
+
+    settings = settings_for(home)
+    host, port = settings.broker.host, settings.broker.enrollment_port
+    if gateway is not None:
+        host, port = _address(gateway)
+    if devices < 1:
+        fail("--devices must be at least 1")
+    if cert_lifetime is not None and cert_lifetime < 60:
+        fail("--cert-lifetime must be at least 60 seconds")
+    factory = trust_factory(settings)
+    ca_pem = (settings.ca_dir / "root.crt").read_bytes()
+    options = FleetOptions(
+        devices=devices,
+        duration=duration,
+        host=host,
+        enrollment_port=port,
+        operational_port=operational_port or settings.broker.operational_port,
+        ca_pem=ca_pem,
+        cert_lifetime=cert_lifetime,
+        telemetry_interval=telemetry_interval,
+        progress=not as_json,
+    )
+
+    async def main() -> dict[str, object]:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        summary = await run_fleet(options, factory, stop)
+        return summary.as_dict()
+
+    result = asyncio.run(main())
+    if as_json:
+        print_json(result)
+    else:
+        console.print(result)

@@ -1,0 +1,310 @@
+"""`fleetgate.toml`: the gateway's settings, parsed once into frozen values.
+
+Every setting has a default, so a file written by `fleetgate init` can stay short; a wrong type,
+an unknown key or an out-of-range value is a `ConfigError` naming the key, never a traceback
+from deep inside the service.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from pki.keys import KeyType
+from pki.profile import IDENTITY_NAME_PATTERN
+
+CONFIG_NAME = "fleetgate.toml"
+HOME_ENV = "FLEETGATE_HOME"
+PASSPHRASE_ENV = "FLEETGATE_PASSPHRASE"
+DATABASE_ENV = "FLEETGATE_DATABASE_URL"
+MIN_CERT_LIFETIME = 60
+
+
+class ConfigError(ValueError):
+    """A setting is missing, of the wrong type or out of range."""
+
+
+def default_home() -> Path:
+    return Path(os.environ.get(HOME_ENV, ".fleetgate"))
+
+
+@dataclass(frozen=True)
+class CaSettings:
+    key_type: KeyType = KeyType.P256
+    root_lifetime_days: int = 3650
+    issuing_lifetime_days: int = 180
+
+
+@dataclass(frozen=True)
+class CertificateSettings:
+    lifetime_seconds: int = 3600
+    renew_fraction: float = 2 / 3
+    renew_jitter: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.lifetime_seconds < MIN_CERT_LIFETIME:
+            raise ConfigError(
+                f"certificates.lifetime_seconds must be >= {MIN_CERT_LIFETIME}, "
+                f"got {self.lifetime_seconds}"
+            )
+        if not 0.1 <= self.renew_fraction <= 0.95:
+            raise ConfigError("certificates.renew_fraction must lie between 0.1 and 0.95")
+        if not 0 <= self.renew_jitter <= 0.2:
+            raise ConfigError("certificates.renew_jitter must lie between 0 and 0.2")
+
+    @property
+    def lifetime(self) -> timedelta:
+        return timedelta(seconds=self.lifetime_seconds)
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    kind: str = "embedded"
+    host: str = "127.0.0.1"
+    enrollment_port: int = 8883
+    operational_port: int = 8884
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("embedded", "mosquitto"):
+            raise ConfigError(f"broker.kind must be 'embedded' or 'mosquitto', got {self.kind!r}")
+        for name in ("enrollment_port", "operational_port"):
+            port = getattr(self, name)
+            if not 0 <= port <= 65535:
+                raise ConfigError(f"broker.{name} must be a TCP port, got {port}")
+
+
+@dataclass(frozen=True)
+class EnrollmentSettings:
+    nonce_ttl_seconds: int = 60
+    max_clock_skew_seconds: int = 300
+    pending_retry_after: int = 10
+    require_known_firmware: bool = False
+
+
+@dataclass(frozen=True)
+class ApprovalRuleSettings:
+    manufacturer: str = "*"
+    model: str = "*"
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    auto_approve: tuple[ApprovalRuleSettings, ...] = ()
+    # model -> allowed firmware digests (sha256 hex)
+    firmware: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    denied_birth_fingerprints: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    trust_domain: str = "fleetgate.local"
+    database_url: str = ""
+    passphrase_file: str = "secrets/passphrase"
+    audit_checkpoint_every: int = 100
+    ca: CaSettings = field(default_factory=CaSettings)
+    certificates: CertificateSettings = field(default_factory=CertificateSettings)
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    enrollment: EnrollmentSettings = field(default_factory=EnrollmentSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.home / "ca"
+
+    @property
+    def manufacturers_dir(self) -> Path:
+        """PEM files of the manufacturer roots whose birth certificates we trust."""
+        return self.home / "trust" / "manufacturers"
+
+    @property
+    def database(self) -> str:
+        if url := os.environ.get(DATABASE_ENV):
+            return url
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.home / 'registry.db').resolve()}"
+
+    def passphrase(self) -> bytes:
+        """The passphrase that unlocks the CA keys: $FLEETGATE_PASSPHRASE or the passphrase file."""
+        if value := os.environ.get(PASSPHRASE_ENV):
+            return value.encode()
+        path = self.home / self.passphrase_file
+        try:
+            return path.read_bytes().strip()
+        except FileNotFoundError:
+            raise ConfigError(
+                f"no passphrase: set ${PASSPHRASE_ENV} or create {path}"
+            ) from None
+
+
+def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    """Build a settings dataclass from a TOML table, refusing unknown keys and wrong types."""
+    known = {f.name: f for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"unknown setting {where}{key}")
+        default = getattr(cls(), key) if cls is not Settings else None
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}{key} must be true or false")
+        elif isinstance(default, int) and not isinstance(default, bool):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"{where}{key} must be an integer")
+        elif isinstance(default, float):
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise ConfigError(f"{where}{key} must be a number")
+            value = float(value)
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise ConfigError(f"{where}{key} must be a string")
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{where.rstrip('.') or 'settings'}: {exc}") from exc
+
+
+def _policy(data: Mapping[str, Any]) -> PolicySettings:
+    unknown = set(data) - {"auto_approve", "firmware", "denied_birth_fingerprints"}
+    if unknown:
+        raise ConfigError(f"unknown setting policy.{sorted(unknown)[0]}")
+    rules = data.get("auto_approve", [])
+    if not isinstance(rules, list):
+        raise ConfigError("policy.auto_approve must be a list of tables")
+    firmware = data.get("firmware", {})
+    if not isinstance(firmware, dict) or not all(
+        isinstance(v, list) and all(isinstance(d, str) for d in v) for v in firmware.values()
+    ):
+        raise ConfigError("policy.firmware must map a model to a list of sha256 hex digests")
+    for model, digests in firmware.items():
+        for digest in digests:
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ConfigError(f"policy.firmware.{model}: {digest!r} is not a sha256 hex digest")
+    denied = data.get("denied_birth_fingerprints", [])
+    if not isinstance(denied, list) or not all(isinstance(d, str) for d in denied):
+        raise ConfigError("policy.denied_birth_fingerprints must be a list of strings")
+    return PolicySettings(
+        auto_approve=tuple(
+            _build(ApprovalRuleSettings, r, "policy.auto_approve.") for r in rules
+        ),
+        firmware={model: tuple(d) for model, d in firmware.items()},
+        denied_birth_fingerprints=tuple(d.lower() for d in denied),
+    )
+
+
+def parse_settings(home: Path, data: Mapping[str, Any]) -> Settings:
+    sections = {
+        "ca": CaSettings,
+        "certificates": CertificateSettings,
+        "broker": BrokerSettings,
+        "enrollment": EnrollmentSettings,
+    }
+    top: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in sections:
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{key}] must be a table")
+            top[key] = _build(sections[key], value, f"{key}.")
+        elif key == "policy":
+            if not isinstance(value, dict):
+                raise ConfigError("[policy] must be a table")
+            top[key] = _policy(value)
+        elif key in ("trust_domain", "database_url", "passphrase_file"):
+            if not isinstance(value, str):
+                raise ConfigError(f"{key} must be a string")
+            top[key] = value
+        elif key == "audit_checkpoint_every":
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError("audit_checkpoint_every must be a positive integer")
+            top[key] = value
+        else:
+            raise ConfigError(f"unknown setting {key}")
+    if "ca" in top:
+        try:
+            top["ca"] = CaSettings(
+                key_type=KeyType(top["ca"].key_type),
+                root_lifetime_days=top["ca"].root_lifetime_days,
+                issuing_lifetime_days=top["ca"].issuing_lifetime_days,
+            )
+        except ValueError:
+            raise ConfigError(
+                f"ca.key_type must be one of {', '.join(k.value for k in KeyType)}"
+            ) from None
+    settings = Settings(home=home, **top)
+    _check_trust_domain(settings.trust_domain)
+    return settings
+
+
+def _check_trust_domain(name: str) -> None:
+    if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?", name):
+        raise ConfigError(f"trust_domain {name!r} must be a lower-case DNS-style name")
+
+
+def load_settings(home: Path) -> Settings:
+    path = home / CONFIG_NAME
+    try:
+        raw = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found: run `fleetgate init --home {home}` first") from None
+    try:
+        data = tomllib.loads(raw)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    return parse_settings(home, data)
+
+
+def render_default_config(trust_domain: str, key_type: KeyType) -> str:
+    """The commented `fleetgate.toml` that `fleetgate init` writes."""
+    return f"""\
+# Fleetgate gateway settings. Every key has a default; see docs/configuration.md.
+trust_domain = "{trust_domain}"
+# database_url = "postgresql://user@host/fleetgate"   # default: SQLite registry.db in this folder
+passphrase_file = "secrets/passphrase"                # or set $FLEETGATE_PASSPHRASE
+audit_checkpoint_every = 100                          # sign the audit chain head every N events
+
+[ca]
+key_type = "{key_type.value}"                          # p256 | p384 | ed25519
+root_lifetime_days = 3650
+issuing_lifetime_days = 180
+
+[certificates]
+lifetime_seconds = 3600        # operational certificates: 60 s to days
+renew_fraction = 0.6667        # devices renew at about 2/3 of the lifetime
+renew_jitter = 0.05            # +- 5% of the lifetime, so a fleet does not renew in one burst
+
+[broker]
+kind = "embedded"              # embedded (amqtt, in-process) | mosquitto
+host = "127.0.0.1"
+enrollment_port = 8883         # server-authenticated TLS; devices enroll here
+operational_port = 8884        # mutual TLS with the certificates we issue
+
+[enrollment]
+nonce_ttl_seconds = 60
+max_clock_skew_seconds = 300
+pending_retry_after = 10
+require_known_firmware = false # true: a model without a firmware allow-list is refused
+
+[policy]
+denied_birth_fingerprints = []  # sha256 hex of birth certificates that may never enroll
+
+# Devices matching a rule are approved at once; the others wait for `fleetgate device approve`.
+[[policy.auto_approve]]
+manufacturer = "*"
+model = "*"
+
+# Allowed firmware digests per model (sha256 hex). A model listed here accepts only these.
+[policy.firmware]
+"""
+
+
+def valid_identity_name(name: str) -> bool:
+    return re.fullmatch(IDENTITY_NAME_PATTERN, name) is not None

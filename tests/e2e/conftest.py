@@ -1,0 +1,54 @@
+"""A real gateway (embedded broker, TLS on loopback, SQLite registry) per test."""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+
+from gateway.config import CONFIG_NAME, Settings, load_settings
+from gateway.home import init_home
+from gateway.service import Gateway
+from pki.factory import FactoryCA
+from simulators.factory import trust_factory
+
+
+def write_home(home: Path, **overrides: Any) -> Settings:
+    """A fresh home on free ports, with `overrides` merged into fleetgate.toml tables."""
+    init_home(home)
+    path = home / CONFIG_NAME
+    data = tomllib.loads(path.read_text())
+    data["broker"]["enrollment_port"] = 0
+    data["broker"]["operational_port"] = 0
+    for table, values in overrides.items():
+        if isinstance(values, dict):
+            data.setdefault(table, {}).update(values)
+        else:
+            data[table] = values
+    path.write_text(tomli_w.dumps(data))
+    return load_settings(home)
+
+
+GatewayFactory = Callable[..., Any]
+
+
+@pytest.fixture
+async def start_gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
+    """`gateway, factory = await start_gateway(**settings_overrides)`; stopped after the test."""
+    started: list[Gateway] = []
+
+    async def start(**overrides: Any) -> tuple[Gateway, FactoryCA]:
+        settings = write_home(tmp_path / f"home{len(started)}", **overrides)
+        factory = trust_factory(settings)
+        gateway = Gateway(settings)
+        await gateway.start()
+        started.append(gateway)
+        return gateway, factory
+
+    yield start
+    for gateway in started:
+        await gateway.stop()

@@ -1,0 +1,320 @@
+"""Enrollment end to end: real gateway, embedded broker, TLS on loopback, SQLite registry.
+
+Devices are driven by the same `DeviceClient` the simulators use, over aiomqtt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from collections.abc import Callable
+from datetime import timedelta
+
+import aiomqtt
+import pytest
+from cryptography import x509
+
+from gateway.operations import approve, create_token
+from gateway.protocol import topics
+from gateway.protocol.device import DeviceClient, DeviceState, Enrolled, Rejected, Send
+from gateway.protocol.messages import Firmware
+from gateway.protocol.topics import Channel
+from gateway.service import Gateway
+from gateway.store import CertificateStatus, IdentityState
+from pki.ca import create_issuing_ca, create_root_ca
+from pki.clock import SystemClock
+from pki.factory import FactoryCA
+from pki.issue import Issuer
+from pki.keys import LocalSigner
+from pki.profile import IdentityKind, LeafTemplate
+from simulators.factory import FIRMWARE_DIGEST, FIRMWARE_VERSION
+from simulators.fleet import FleetOptions, run_fleet
+from simulators.tls import mutual_context, server_auth_context
+
+pytestmark = pytest.mark.broker
+
+FIRMWARE = Firmware(version=FIRMWARE_VERSION, digest=FIRMWARE_DIGEST)
+
+
+async def drive(
+    client: DeviceClient,
+    gateway: Gateway,
+    channel: Channel = Channel.ENROLL,
+    *,
+    until: type | Callable[[object], bool] = Enrolled,
+    timeout: float = 15.0,
+    first: list | None = None,
+) -> list:
+    """Run ``client`` over one connection until an event matching ``until`` (a type or a
+    predicate; a matching Send is not published) or a final rejection; returns every event."""
+    matches = until if not isinstance(until, type) else (lambda e: isinstance(e, until))
+    ca = gateway.ca_chain_pem()
+    if channel is Channel.ENROLL:
+        tls, port = server_auth_context(ca), gateway.ports.enrollment
+    else:
+        current = client.current
+        assert current is not None
+        tls = mutual_context(ca, current.key, current.certificate, current.chain[:-1])
+        port = gateway.ports.operational
+    seen: list = []
+    async with aiomqtt.Client(
+        "127.0.0.1", port, identifier=client.device_id, tls_context=tls, timeout=5
+    ) as mqtt:
+        for topic in client.subscriptions(channel):
+            await mqtt.subscribe(topic, qos=1)
+        events = first if first is not None else client.start()
+        messages = mqtt.messages.__aiter__()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while True:
+            for event in events:
+                seen.append(event)
+                if matches(event) or (isinstance(event, Rejected) and event.final):
+                    return seen
+                if isinstance(event, Send):
+                    await mqtt.publish(event.topic, event.payload, qos=1)
+            deadline = client.next_deadline()
+            wait = 0.2
+            if deadline is not None:
+                wait = max(0.0, min(wait, (deadline - client._clock.now()).total_seconds()))
+            if loop.time() > end:
+                raise AssertionError(f"nothing matched {until} within {timeout} s: {seen}")
+            try:
+                message = await asyncio.wait_for(messages.__anext__(), wait)
+            except TimeoutError:
+                events = client.timeout()
+                continue
+            events = client.receive(str(message.topic), bytes(message.payload))
+
+
+def device(factory: FactoryCA, serial: str, **kwargs: object) -> DeviceClient:
+    credential = factory.mint(serial, "TH-200")
+    return DeviceClient(
+        credential, firmware=FIRMWARE, clock=SystemClock(), response_timeout=2.0, **kwargs
+    )
+
+
+async def test_a_device_enrolls_and_opens_an_operational_session(start_gateway) -> None:
+    gateway, factory = await start_gateway()
+    client = device(factory, "th-0001")
+    events = await drive(client, gateway)
+    enrolled = events[-1]
+    assert isinstance(enrolled, Enrolled)
+    # The certificate names the device as the registry knows it, under our trust domain.
+    san = enrolled.certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert san.value.get_values_for_type(x509.UniformResourceIdentifier) == [
+        f"spiffe://{gateway.settings.trust_domain}/device/th-0001"
+    ]
+    identity = gateway.store.get_identity("th-0001")
+    assert identity is not None and identity.state is IdentityState.ACTIVE
+    assert identity.model == "TH-200" and identity.firmware_digest == FIRMWARE_DIGEST
+    [row] = gateway.store.certificates_for("th-0001")
+    assert row.serial == enrolled.certificate.serial_number
+    # The issued certificate opens a mutual-TLS session and may publish its telemetry.
+    tls = mutual_context(
+        gateway.ca_chain_pem(), enrolled.key, enrolled.certificate, enrolled.chain[:-1]
+    )
+    async with aiomqtt.Client(
+        "127.0.0.1", gateway.ports.operational, identifier="th-0001", tls_context=tls, timeout=5
+    ) as mqtt:
+        await mqtt.publish(topics.telemetry("th-0001"), b'{"t": 21.5}', qos=1)
+        principal = gateway.broker.connected()["th-0001"]
+        assert principal.kind == "device"
+        assert principal.serial == enrolled.certificate.serial_number
+
+
+async def test_a_certificate_from_another_ca_is_refused_on_the_operational_listener(
+    start_gateway,
+) -> None:
+    gateway, _ = await start_gateway()
+    clock = SystemClock()
+    rogue_root = create_root_ca(LocalSigner.generate(), "Rogue Root", clock)
+    rogue_issuing = create_issuing_ca(rogue_root, LocalSigner.generate(), "Rogue Issuing", clock)
+    key = LocalSigner.generate()
+    cert = Issuer(rogue_issuing, clock).issue(
+        LeafTemplate(
+            kind=IdentityKind.DEVICE,
+            name="th-0001",
+            trust_domain=gateway.settings.trust_domain,
+            lifetime=timedelta(hours=1),
+        ),
+        key.public_key(),
+    )
+    tls = mutual_context(gateway.ca_chain_pem(), key, cert, (rogue_issuing.certificate,))
+    with pytest.raises((aiomqtt.MqttError, ssl.SSLError, OSError)):
+        async with aiomqtt.Client(
+            "127.0.0.1", gateway.ports.operational, identifier="th-0001", tls_context=tls, timeout=3
+        ) as mqtt:
+            await mqtt.publish(topics.telemetry("th-0001"), b"x", qos=1)
+    # And without any certificate at all.
+    with pytest.raises((aiomqtt.MqttError, ssl.SSLError, OSError)):
+        async with aiomqtt.Client(
+            "127.0.0.1",
+            gateway.ports.operational,
+            identifier="th-0001",
+            tls_context=server_auth_context(gateway.ca_chain_pem()),
+            timeout=3,
+        ) as mqtt:
+            await mqtt.publish(topics.telemetry("th-0001"), b"x", qos=1)
+
+
+async def test_renewal_over_the_operational_session_supersedes_the_old_certificate(
+    start_gateway,
+) -> None:
+    gateway, factory = await start_gateway(certificates={"lifetime_seconds": 60})
+    client = device(factory, "th-0002")
+    first = (await drive(client, gateway))[-1]
+    assert isinstance(first, Enrolled)
+    lifetime = first.not_after - first.certificate.not_valid_before_utc
+    assert lifetime <= timedelta(seconds=120)  # 60 s plus the 60 s backdate
+    # Renew now (a device does so at ~2/3 of the lifetime): a new key, over mutual TLS.
+    events = await drive(client, gateway, Channel.RENEW, first=client.renew())
+    renewed = events[-1]
+    assert isinstance(renewed, Enrolled) and renewed.renewal
+    assert renewed.certificate.public_key() != first.certificate.public_key()
+    rows = {c.serial: c.status for c in gateway.store.certificates_for("th-0002")}
+    assert rows == {
+        first.certificate.serial_number: CertificateStatus.SUPERSEDED,
+        renewed.certificate.serial_number: CertificateStatus.ACTIVE,
+    }
+
+
+async def test_pending_until_an_operator_approves(start_gateway) -> None:
+    gateway, factory = await start_gateway(
+        policy={"auto_approve": []}, enrollment={"pending_retry_after": 1}
+    )
+    client = device(factory, "th-0003")
+    from gateway.protocol.device import AwaitingApproval
+
+    events = await drive(client, gateway, until=AwaitingApproval)
+    assert isinstance(events[-1], AwaitingApproval)
+    assert gateway.store.get_identity("th-0003").state is IdentityState.PENDING
+    approve(gateway.store, "th-0003", actor="cli:test")
+    # The device's next retry of the very same request is answered with a certificate.
+    events = await drive(client, gateway, first=[])
+    assert isinstance(events[-1], Enrolled)
+
+
+async def test_a_bootstrap_token_enrolls_once(start_gateway) -> None:
+    gateway, _ = await start_gateway()
+    token = create_token(gateway.store, "cam-17", actor="cli:test")
+    client = DeviceClient(
+        None, firmware=FIRMWARE, clock=SystemClock(), device_id="cam-17", token=token
+    )
+    assert isinstance((await drive(client, gateway))[-1], Enrolled)
+    again = DeviceClient(
+        None, firmware=FIRMWARE, clock=SystemClock(), device_id="cam-17", token=token
+    )
+    events = await drive(again, gateway, until=Rejected)
+    assert events[-1].reason == "token_reused"
+
+
+async def test_an_unknown_manufacturer_is_refused_with_its_reason(start_gateway) -> None:
+    gateway, _ = await start_gateway()
+    rogue = FactoryCA.create("Rogue Devices", SystemClock())
+    client = DeviceClient(
+        rogue.mint("th-0004", "TH-200"), firmware=FIRMWARE, clock=SystemClock()
+    )
+    events = await drive(client, gateway, until=Rejected)
+    assert events[-1].reason == "unknown_manufacturer"
+    assert gateway.store.get_identity("th-0004") is None
+
+
+async def test_tampered_firmware_is_refused(start_gateway) -> None:
+    gateway, factory = await start_gateway(policy={"firmware": {"TH-200": [FIRMWARE_DIGEST]}})
+    tampered = Firmware(version=FIRMWARE_VERSION, digest="0" * 64)
+    client = DeviceClient(factory.mint("th-0005", "TH-200"), firmware=tampered, clock=SystemClock())
+    events = await drive(client, gateway, until=Rejected)
+    assert events[-1].reason == "firmware_not_allowed"
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"{not json", "malformed"),
+        (b"[1, 2]", "malformed"),
+        (json.dumps({"v": 1, "type": "teleport", "id": "r1"}).encode(), "unknown_type"),
+        (json.dumps({"v": 9, "type": "hello", "id": "r1"}).encode(), "unsupported_version"),
+        (json.dumps({"v": 1, "type": "hello", "id": "r1", "chain": "nope"}).encode(),
+         "invalid_field"),
+        (json.dumps({"v": 1, "type": "hello", "id": "r1", "chain": ["@@@"]}).encode(),
+         "invalid_field"),
+        (b"{" + b" " * (70 * 1024) + b"}", "payload_too_large"),
+    ],
+)
+async def test_bad_input_on_the_wire_gets_a_typed_error(start_gateway, payload, reason) -> None:
+    gateway, _ = await start_gateway()
+    async with aiomqtt.Client(
+        "127.0.0.1",
+        gateway.ports.enrollment,
+        identifier="th-0006",
+        tls_context=server_auth_context(gateway.ca_chain_pem()),
+        timeout=5,
+    ) as mqtt:
+        await mqtt.subscribe(topics.enroll_response("th-0006"), qos=1)
+        await mqtt.publish(topics.enroll_request("th-0006"), payload, qos=1)
+        message = await asyncio.wait_for(mqtt.messages.__aiter__().__anext__(), 5)
+    answer = json.loads(bytes(message.payload))
+    assert answer["type"] == "error" and answer["reason"] == reason
+    # The gateway is still serving: a well-formed device enrolls afterwards.
+    assert gateway.enrollment.metrics[f"rejected.{reason}"] == 1
+
+
+async def test_a_request_dropped_with_its_publisher_is_answered_on_retry(start_gateway) -> None:
+    """amqtt acknowledges a QoS1 message before routing it and can drop it when the publisher
+    disconnects right away. The device's retry of the same request must still get exactly one
+    certificate — whether or not the first copy arrived."""
+    gateway, factory = await start_gateway()
+    ca = gateway.ca_chain_pem()
+    serials = [f"th-{n:04d}" for n in range(100, 120)]
+    clients = {s: device(factory, s) for s in serials}
+
+    def is_enroll(event: object) -> bool:
+        return isinstance(event, Send) and b'"type":"enroll"' in event.payload.replace(b" ", b"")
+
+    for serial, client in clients.items():
+        # Hello and challenge; the enroll request is built but held back...
+        held = (await drive(client, gateway, until=is_enroll))[-1]
+        assert client.state is DeviceState.ENROLL_SENT
+        # ...then published on a connection that is dropped right after the PUBACK.
+        async with aiomqtt.Client(
+            "127.0.0.1",
+            gateway.ports.enrollment,
+            identifier=serial,
+            tls_context=server_auth_context(ca),
+            timeout=5,
+        ) as mqtt:
+            await mqtt.publish(held.topic, held.payload, qos=1)
+        clients[serial] = (client, held)
+    for serial, (client, held) in clients.items():
+        # The device's timer fires: the same request (same id, same bytes) again.
+        events = await drive(client, gateway, first=[held])
+        assert isinstance(events[-1], Enrolled), serial
+    for serial in serials:
+        active = [
+            c for c in gateway.store.certificates_for(serial)
+            if c.status is CertificateStatus.ACTIVE
+        ]
+        assert len(active) == 1, serial
+
+
+async def test_a_small_fleet_enrolls_publishes_and_is_counted(start_gateway) -> None:
+    gateway, factory = await start_gateway()
+    summary = await run_fleet(
+        FleetOptions(
+            devices=5,
+            duration=6,
+            host="127.0.0.1",
+            enrollment_port=gateway.ports.enrollment,
+            operational_port=gateway.ports.operational,
+            ca_pem=gateway.ca_chain_pem(),
+            telemetry_interval=0.5,
+            progress=False,
+        ),
+        factory,
+    )
+    assert summary.enrolled == 5 and summary.failed == 0
+    assert summary.telemetry >= 5
+    active = gateway.store.list_identities(state=IdentityState.ACTIVE)
+    assert len(active) == 5
