@@ -341,7 +341,9 @@ class AuditWriter:
 
     The stores append the events of ``put_identity``, ``record_outcome`` and ``change_state``
     in the same transaction as the change, outside this writer; the service therefore also calls
-    ``maybe_checkpoint()`` periodically and ``checkpoint()`` on shutdown.
+    ``maybe_checkpoint()`` periodically and ``checkpoint()`` on shutdown. Both read only the
+    chain head (``Store.audit_head``, one indexed query), so calling them often costs little
+    however long the trail grows.
     """
 
     def __init__(self, store: Store, signer: Signer, clock: Clock, every: int = 100) -> None:
@@ -366,7 +368,7 @@ class AuditWriter:
     def maybe_checkpoint(self) -> AuditCheckpoint | None:
         """Sign the head if at least ``every`` records follow the newest checkpoint."""
         with self._lock:
-            head = self._head()
+            head = self._store.audit_head()
             if head is None or head.seq - self._last_checkpointed() < self._every:
                 return None
             return self._sign(head)
@@ -374,7 +376,7 @@ class AuditWriter:
     def checkpoint(self) -> AuditCheckpoint | None:
         """Sign the current head now (unless it is already signed or the trail is empty)."""
         with self._lock:
-            head = self._head()
+            head = self._store.audit_head()
             if head is None or head.seq <= self._last_checkpointed():
                 return None
             return self._sign(head)
@@ -384,17 +386,6 @@ class AuditWriter:
             existing = self._store.checkpoints()
             self._checkpointed = max((cp.seq for cp in existing), default=0)
         return self._checkpointed
-
-    def _head(self) -> AuditRecord | None:
-        # Only the records after the newest checkpoint are read; called often, that is few.
-        after = self._last_checkpointed()
-        head: AuditRecord | None = None
-        while True:
-            page = self._store.audit_records(after_seq=after, limit=1000)
-            if not page:
-                return head
-            head = page[-1]
-            after = head.seq
 
     def _sign(self, head: AuditRecord) -> AuditCheckpoint | None:
         checkpoint = make_checkpoint(self._signer, head, self._clock.now())

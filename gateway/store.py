@@ -12,12 +12,15 @@ or none do. That is what lets the gateway publish a certificate only after its r
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Protocol
 
+from pki.clock import require_aware
 from pki.profile import IdentityKind
 
 
@@ -162,6 +165,116 @@ class AuditCheckpoint:
     key_id: str  # sha256 hex of the signing public key
 
 
+MAX_REFUSAL_COUNT = 2**63 - 1
+"""The largest count a refusal row holds (a signed 64-bit column)."""
+
+# Column widths of the refusal table for the values the gateway itself chooses. The values a
+# refused client chooses (client id, certificate subject and issuer) go into unbounded text
+# columns instead: a length limit there would let one crafted client id make PostgreSQL refuse
+# the whole batch it arrives in.
+_REFUSAL_WIDTHS = {
+    "key": 64,
+    "listener": 64,
+    "reason": 64,
+    "remote": 255,
+}
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
+
+
+def refusal_key(
+    listener: str, reason: str, cert_fingerprint: str | None, client_id: str | None
+) -> str:
+    """The aggregation key of a refused connection: sha256 hex of the fields joined with ``|``
+    (``None`` as the empty string).
+
+    Every caller uses this so that one device retrying all day is one row. ``listener``,
+    ``reason`` and ``cert_fingerprint`` may not contain ``|`` (ValueError), which keeps the
+    joined text unambiguous; ``client_id`` comes last and may contain anything.
+    """
+    fields = (
+        ("listener", listener),
+        ("reason", reason),
+        ("cert_fingerprint", cert_fingerprint),
+        ("client_id", client_id),
+    )
+    parts = []
+    for name, value in fields:
+        optional = name in ("cert_fingerprint", "client_id")
+        if value is None and optional:
+            parts.append("")
+            continue
+        if not isinstance(value, str):
+            allowed = "a str or None" if optional else "a str"
+            raise TypeError(f"{name} must be {allowed}, not {type(value).__name__}")
+        if name != "client_id" and "|" in value:
+            raise ValueError(f"{name} must not contain '|'")
+        parts.append(value)
+    return hashlib.sha256("|".join(parts).encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class RefusalRecord:
+    """Connections the broker refused, aggregated under ``key``: who tried, from where, with a
+    certificate from which CA, how often, first and last time.
+
+    ``count`` attempts were seen between ``first_seen`` and ``last_seen``; ``remote`` and the
+    identifying fields describe the latest one. Raises TypeError for a wrong type and ValueError
+    for an empty required or over-long field, text with NUL or unpaired surrogates, a
+    fingerprint that is not sha256 hex, a naive time, ``last_seen`` before ``first_seen`` or a
+    count below 1.
+    """
+
+    key: str  # aggregation key chosen by the caller, normally ``refusal_key(...)``
+    listener: str
+    reason: str
+    client_id: str | None
+    cert_subject: str | None
+    cert_issuer: str | None
+    cert_fingerprint: str | None  # sha256 hex of the certificate DER
+    remote: str  # last seen "host:port"
+    first_seen: datetime
+    last_seen: datetime
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("key", "listener", "reason", "remote"):
+            _check_refusal_text(name, getattr(self, name), required=True)
+        for name in ("client_id", "cert_subject", "cert_issuer", "cert_fingerprint"):
+            _check_refusal_text(name, getattr(self, name), required=False)
+        fingerprint = self.cert_fingerprint
+        if fingerprint is not None and _FINGERPRINT.fullmatch(fingerprint) is None:
+            raise ValueError("cert_fingerprint must be 64 lower-case hex digits")
+        first = require_aware(self.first_seen, "first_seen")
+        last = require_aware(self.last_seen, "last_seen")
+        if last < first:
+            raise ValueError("last_seen must not be before first_seen")
+        if isinstance(self.count, bool) or not isinstance(self.count, int):
+            raise TypeError(f"count must be an int, not {type(self.count).__name__}")
+        if not 1 <= self.count <= MAX_REFUSAL_COUNT:
+            raise ValueError(f"count must be between 1 and {MAX_REFUSAL_COUNT}")
+
+
+def _check_refusal_text(name: str, value: object, *, required: bool) -> None:
+    if value is None and not required:
+        return
+    if not isinstance(value, str):
+        allowed = "a str" if required else "a str or None"
+        raise TypeError(f"{name} must be {allowed}, not {type(value).__name__}")
+    if required and not value:
+        raise ValueError(f"{name} must not be empty")
+    width = _REFUSAL_WIDTHS.get(name)
+    if width is not None and len(value) > width:
+        raise ValueError(f"{name} must be at most {width} characters")
+    # PostgreSQL text holds neither NUL nor unpaired surrogates; refusing them here keeps one
+    # crafted client id from failing the whole batch at the database.
+    if "\x00" in value:
+        raise ValueError(f"{name} must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"{name} must be valid Unicode text ({error.reason})") from error
+
+
 class Store(Protocol):
     # identities
     def get_identity(self, identity_id: str) -> IdentityRecord | None: ...
@@ -227,5 +340,29 @@ class Store(Protocol):
     # audit trail (append-only, hash-chained; see gateway.audit)
     def append_audit(self, entries: Sequence[AuditEntry]) -> list[AuditRecord]: ...
     def audit_records(self, after_seq: int = 0, limit: int | None = None) -> list[AuditRecord]: ...
+    def audit_head(self) -> AuditRecord | None:
+        """The newest audit record (``None`` while the trail is empty), in one indexed query.
+
+        Every state change appends audit events in its own transaction, so a head that moved is
+        a cheap "something changed" signal; the gateway polls it several times a second."""
+        ...
+
     def put_checkpoint(self, checkpoint: AuditCheckpoint) -> None: ...
     def checkpoints(self) -> list[AuditCheckpoint]: ...
+
+    # refused connections, for the "unknown identities" view
+    def record_refusals(self, records: Sequence[RefusalRecord]) -> None:
+        """Add a batch of refusals in one transaction, aggregated by key. For a key already
+        stored: count grows by ``record.count``, first_seen becomes the earlier and last_seen
+        the later of the two, and the identifying fields and remote follow the newer sighting.
+        Records repeating a key within the batch are merged the same way. A batch with one bad
+        record (TypeError, ValueError) writes nothing. No audit event: a refusal decides nothing
+        about a registered identity, and a flood must neither grow the hash chain nor move
+        ``audit_head``."""
+        ...
+
+    def refusals(self, limit: int = 500, since: datetime | None = None) -> list[RefusalRecord]:
+        """At most ``limit`` aggregated refusals, newest ``last_seen`` first (ties: key
+        descending); with ``since``, only those last seen at or after it. ValueError for a
+        negative limit or a naive ``since``."""
+        ...

@@ -26,6 +26,7 @@ from gateway.store import (
     IdentityState,
     NonceCheck,
     NonceRecord,
+    RefusalRecord,
     StoredResponse,
     TokenCheck,
     TokenRecord,
@@ -36,9 +37,12 @@ from pki.profile import IdentityKind
 __all__ = [
     "MAX_SERIAL",
     "MemoryStore",
+    "check_limit",
     "check_nonce_value",
+    "check_refusals",
     "check_serial",
     "in_utc",
+    "merge_refusals",
     "require_aware",
 ]
 
@@ -85,6 +89,43 @@ def check_nonce_value(value: object) -> bytes:
     return value
 
 
+def check_limit(limit: object) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise TypeError(f"limit must be an int, not {type(limit).__name__}")
+    if limit < 0:
+        raise ValueError("limit must be >= 0")
+    return limit
+
+
+def check_refusals(records: Sequence[RefusalRecord]) -> list[RefusalRecord]:
+    """Every record of a batch validated again (``dataclasses.replace`` reruns
+    ``__post_init__``, so even a record altered after construction is caught) and in UTC;
+    TypeError or ValueError for the first bad one, before anything is written."""
+    if isinstance(records, str | bytes) or not isinstance(records, Sequence):
+        raise TypeError("refusals must be a sequence of RefusalRecord")
+    checked = []
+    for record in records:
+        if not isinstance(record, RefusalRecord):
+            raise TypeError(f"expected a RefusalRecord, not {type(record).__name__}")
+        checked.append(in_utc(dataclasses.replace(record)))
+    return checked
+
+
+def merge_refusals(stored: RefusalRecord | None, seen: RefusalRecord) -> RefusalRecord:
+    """``seen`` folded into the aggregate ``stored`` of the same key: counts add up, the span
+    covers both, and the newer sighting (``seen`` on a tie) names who and where. ValueError if
+    the count would outgrow its column."""
+    if stored is None:
+        return seen
+    newer = seen if seen.last_seen >= stored.last_seen else stored
+    return dataclasses.replace(
+        newer,
+        first_seen=min(stored.first_seen, seen.first_seen),
+        last_seen=newer.last_seen,
+        count=stored.count + seen.count,
+    )
+
+
 def _detached(entry: AuditEntry) -> AuditEntry:
     # AuditEntry is frozen but its detail dict is not: keep a private copy so a caller mutating
     # its dict can never change a hashed record.
@@ -110,6 +151,7 @@ class MemoryStore:
         self._tokens: dict[str, TokenRecord] = {}
         self._audit: list[AuditRecord] = []
         self._checkpoints: dict[int, AuditCheckpoint] = {}
+        self._refusals: dict[str, RefusalRecord] = {}
 
     # identities
 
@@ -329,6 +371,10 @@ class MemoryStore:
             stop = None if limit is None else start + limit
             return [_detached_record(record) for record in self._audit[start:stop]]
 
+    def audit_head(self) -> AuditRecord | None:
+        with self._lock:
+            return _detached_record(self._audit[-1]) if self._audit else None
+
     def put_checkpoint(self, checkpoint: AuditCheckpoint) -> None:
         checkpoint = in_utc(checkpoint)
         with self._lock:
@@ -339,6 +385,30 @@ class MemoryStore:
     def checkpoints(self) -> list[AuditCheckpoint]:
         with self._lock:
             return [self._checkpoints[seq] for seq in sorted(self._checkpoints)]
+
+    # refused connections
+
+    def record_refusals(self, records: Sequence[RefusalRecord]) -> None:
+        checked = check_refusals(records)
+        with self._lock:
+            merged: dict[str, RefusalRecord] = {}
+            for record in checked:
+                stored = merged.get(record.key, self._refusals.get(record.key))
+                merged[record.key] = merge_refusals(stored, record)
+            self._refusals.update(merged)
+
+    def refusals(self, limit: int = 500, since: datetime | None = None) -> list[RefusalRecord]:
+        check_limit(limit)
+        if since is not None:
+            since = require_aware_time(since, "since")
+        with self._lock:
+            chosen = [
+                record
+                for record in self._refusals.values()
+                if since is None or record.last_seen >= since
+            ]
+        chosen.sort(key=lambda record: (record.last_seen, record.key), reverse=True)
+        return chosen[:limit]
 
     # helpers; the caller holds the lock
 

@@ -19,6 +19,7 @@ from gateway.store import (
     IdentityRecord,
     IdentityState,
     NonceRecord,
+    RefusalRecord,
     StoredResponse,
     TokenRecord,
 )
@@ -37,6 +38,8 @@ __all__ = [
     "identity_values",
     "nonce_key",
     "nonce_values",
+    "refusal_from_row",
+    "refusal_values",
     "require_aware_time",
     "response_from_row",
     "response_values",
@@ -231,4 +234,37 @@ def checkpoint_from_row(row: Row) -> AuditCheckpoint:
         at=row["at"],
         signature=bytes(row["signature"]),
         key_id=row["key_id"],
+    )
+
+
+def refusal_values(record: RefusalRecord) -> dict[str, Any]:
+    # Callers pass records through gateway.store_memory.check_refusals first.
+    return {
+        "key": record.key,
+        "listener": record.listener,
+        "reason": record.reason,
+        "client_id": record.client_id,
+        "cert_subject": record.cert_subject,
+        "cert_issuer": record.cert_issuer,
+        "cert_fingerprint": record.cert_fingerprint,
+        "remote": record.remote,
+        "first_seen": record.first_seen,
+        "last_seen": record.last_seen,
+        "count": record.count,
+    }
+
+
+def refusal_from_row(row: Row) -> RefusalRecord:
+    return RefusalRecord(
+        key=row["key"],
+        listener=row["listener"],
+        reason=row["reason"],
+        client_id=row["client_id"],
+        cert_subject=row["cert_subject"],
+        cert_issuer=row["cert_issuer"],
+        cert_fingerprint=row["cert_fingerprint"],
+        remote=row["remote"],
+        first_seen=row["first_seen"],
+        last_seen=row["last_seen"],
+        count=row["count"],
     )

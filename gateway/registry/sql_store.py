@@ -14,7 +14,8 @@ from datetime import datetime
 from typing import Any, cast
 
 from alembic.util import CommandError
-from sqlalchemy import CursorResult, Engine, Result, insert, select, update
+from sqlalchemy import CursorResult, Engine, Result, case, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session
 
 from gateway.audit import chain
@@ -28,6 +29,7 @@ from gateway.registry.tables import (
     AuditEventRow,
     BootstrapTokenRow,
     CertificateRow,
+    ConnectionRefusalRow,
     IdentityRow,
     NonceRow,
     StoredResponseRow,
@@ -44,14 +46,16 @@ from gateway.store import (
     IdentityState,
     NonceCheck,
     NonceRecord,
+    RefusalRecord,
     StoredResponse,
     StoreError,
     TokenCheck,
     TokenRecord,
 )
+from gateway.store_memory import check_limit, check_refusals, merge_refusals
 from pki.profile import IdentityKind
 
-__all__ = ["SqlStore"]
+__all__ = ["SqlStore", "refusal_upsert"]
 
 IDENTITY = table_of(IdentityRow)
 CERTIFICATE = table_of(CertificateRow)
@@ -60,6 +64,51 @@ NONCE = table_of(NonceRow)
 TOKEN = table_of(BootstrapTokenRow)
 AUDIT = table_of(AuditEventRow)
 CHECKPOINT = table_of(AuditCheckpointRow)
+REFUSAL = table_of(ConnectionRefusalRow)
+
+_AUDIT_APPEND_LOCK = int.from_bytes(b"fg-audit")
+"""PostgreSQL advisory lock held by each audit appender until its transaction ends."""
+
+# Describe the newest sighting of a key; the rest of a refusal row is the aggregate.
+_LATEST_SIGHTING = (
+    "listener",
+    "reason",
+    "client_id",
+    "cert_subject",
+    "cert_issuer",
+    "cert_fingerprint",
+    "remote",
+    "last_seen",
+)
+
+
+def refusal_upsert(dialect: str) -> sqlite.Insert | postgresql.Insert:
+    """INSERT ... ON CONFLICT (key) DO UPDATE for refusal rows, the same fold as
+    ``gateway.store_memory.merge_refusals`` done by the database.
+
+    One atomic statement per row: two gateways sharing a PostgreSQL database that both see a new
+    key for the first time add up instead of one failing on the primary key, which UPDATE then
+    INSERT would do. SQLite (3.24+) and PostgreSQL spell it the same way.
+    """
+    if dialect == "sqlite":
+        statement: sqlite.Insert | postgresql.Insert = sqlite.insert(REFUSAL)
+    elif dialect == "postgresql":
+        statement = postgresql.insert(REFUSAL)
+    else:
+        raise StoreError(f"recording refusals needs SQLite or PostgreSQL, not {dialect}")
+    new = statement.excluded
+    stored = REFUSAL.c
+    # In SET every right-hand side sees the row as it was, so "newer" is judged against the
+    # stored last_seen even though last_seen itself is assigned in the same statement.
+    newer = new["last_seen"] >= stored["last_seen"]
+    changes: dict[str, Any] = {
+        name: case((newer, new[name]), else_=stored[name]) for name in _LATEST_SIGHTING
+    }
+    changes["first_seen"] = case(
+        (new["first_seen"] < stored["first_seen"], new["first_seen"]), else_=stored["first_seen"]
+    )
+    changes["count"] = stored["count"] + new["count"]
+    return statement.on_conflict_do_update(index_elements=[stored["key"]], set_=changes)
 
 
 def _rowcount(result: Result[Any]) -> int:
@@ -377,6 +426,13 @@ class SqlStore:
         with self._read("reading the audit trail") as session:
             return [convert.audit_from_row(row) for row in session.execute(query).mappings()]
 
+    def audit_head(self) -> AuditRecord | None:
+        # The primary key index read backwards: one row, whatever the trail's length.
+        query = select(AUDIT).order_by(AUDIT.c.seq.desc()).limit(1)
+        with self._read("reading the audit head") as session:
+            row = session.execute(query).mappings().first()
+            return None if row is None else convert.audit_from_row(row)
+
     def put_checkpoint(self, checkpoint: AuditCheckpoint) -> None:
         values = convert.checkpoint_values(checkpoint)
         with self._write("storing an audit checkpoint") as session:
@@ -386,6 +442,34 @@ class SqlStore:
         with self._read("reading audit checkpoints") as session:
             rows = session.execute(select(CHECKPOINT).order_by(CHECKPOINT.c.seq)).mappings()
             return [convert.checkpoint_from_row(row) for row in rows]
+
+    # refused connections
+
+    def record_refusals(self, records: Sequence[RefusalRecord]) -> None:
+        checked = check_refusals(records)
+        if not checked:
+            return
+        # A key twice in one batch is folded here: one statement may not update a row twice
+        # (PostgreSQL refuses "ON CONFLICT DO UPDATE command cannot affect row a second time").
+        merged: dict[str, RefusalRecord] = {}
+        for record in checked:
+            merged[record.key] = merge_refusals(merged.get(record.key), record)
+        rows = [convert.refusal_values(record) for record in merged.values()]
+        statement = refusal_upsert(self._engine.dialect.name)
+        with self._write("recording refused connections") as session:
+            session.execute(statement, rows)
+
+    def refusals(self, limit: int = 500, since: datetime | None = None) -> list[RefusalRecord]:
+        check_limit(limit)
+        query = (
+            select(REFUSAL)
+            .order_by(REFUSAL.c.last_seen.desc(), REFUSAL.c["key"].desc())
+            .limit(limit)
+        )
+        if since is not None:
+            query = query.where(REFUSAL.c.last_seen >= convert.require_aware_time(since, "since"))
+        with self._read("reading refused connections") as session:
+            return [convert.refusal_from_row(row) for row in session.execute(query).mappings()]
 
     # helpers, inside the caller's transaction
 
@@ -404,11 +488,15 @@ class SqlStore:
     def _append(session: Session, entries: Sequence[AuditEntry]) -> list[AuditRecord]:
         if not entries:
             return []
-        # Chain (and so validate) before touching the head row; FOR UPDATE keeps concurrent
-        # appenders on PostgreSQL from both extending the same head (no-op on SQLite, where
-        # BEGIN IMMEDIATE already serialises writers).
+        if session.connection().dialect.name == "postgresql":
+            # Appenders must queue before reading the head. SELECT ... ORDER BY seq DESC LIMIT 1
+            # FOR UPDATE does not do it: the second appender waits on the same head row and,
+            # once the first commits, still holds that old head (the ORDER BY was evaluated
+            # before the wait), so both insert the same seq. SQLite needs nothing: BEGIN
+            # IMMEDIATE already serialises writers.
+            session.execute(select(func.pg_advisory_xact_lock(_AUDIT_APPEND_LOCK)))
         head_row = session.execute(
-            select(AUDIT).order_by(AUDIT.c.seq.desc()).limit(1).with_for_update()
+            select(AUDIT).order_by(AUDIT.c.seq.desc()).limit(1)
         ).mappings().first()
         head = None if head_row is None else convert.audit_from_row(head_row)
         records = chain(head, list(entries))

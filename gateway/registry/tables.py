@@ -14,6 +14,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     ForeignKeyConstraint,
     Index,
@@ -36,6 +37,7 @@ __all__ = [
     "AuditEventRow",
     "BootstrapTokenRow",
     "CertificateRow",
+    "ConnectionRefusalRow",
     "IdentityRow",
     "NonceRow",
     "RegistryModel",
@@ -168,6 +170,29 @@ class AuditCheckpointRow(RegistryModel, table=True):
     at: datetime = Field(sa_type=UtcDateTime)
     signature: bytes = Field(sa_type=LargeBinary)
     key_id: str = Field(sa_type=String(64))
+
+
+class ConnectionRefusalRow(RegistryModel, table=True):
+    """Connections the broker refused, one row per aggregation key (see
+    ``gateway.store.refusal_key``): a flood from one source is one row with a growing count."""
+
+    __tablename__ = "connection_refusal"
+    # Serves "newest first" (ORDER BY last_seen DESC, key DESC LIMIT n) and "since" without a
+    # sort of the whole table.
+    __table_args__ = (Index(None, "last_seen", "key"),)
+
+    key: str = Field(sa_type=String(64), primary_key=True)
+    listener: str = Field(sa_type=String(64))
+    reason: str = Field(sa_type=String(64))
+    # Chosen by the refused client: unbounded text, so no value can fail a batch on length.
+    client_id: str | None = Field(default=None, sa_type=Text)
+    cert_subject: str | None = Field(default=None, sa_type=Text)
+    cert_issuer: str | None = Field(default=None, sa_type=Text)
+    cert_fingerprint: str | None = Field(default=None, sa_type=String(64))
+    remote: str = Field(sa_type=String(255))
+    first_seen: datetime = Field(sa_type=UtcDateTime)
+    last_seen: datetime = Field(sa_type=UtcDateTime)
+    count: int = Field(sa_type=BigInteger)
 
 
 def table_of(model: type[RegistryModel]) -> Table:

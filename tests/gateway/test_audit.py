@@ -389,6 +389,48 @@ def test_two_writers_on_one_store_do_not_fail() -> None:
     assert [cp.seq for cp in store.checkpoints()] == [1]
 
 
+class HeadOnlyStore(MemoryStore):
+    """A store that counts head reads and refuses to page the trail: the writer must manage
+    with the head alone, however long the trail is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head_reads = 0
+
+    def audit_head(self) -> AuditRecord | None:
+        self.head_reads += 1
+        return super().audit_head()
+
+    def audit_records(self, after_seq: int = 0, limit: int | None = None) -> list[AuditRecord]:
+        raise AssertionError("the writer paged the audit trail")
+
+
+def test_writer_reads_only_the_chain_head() -> None:
+    store = HeadOnlyStore()
+    writer = AuditWriter(store, SIGNER, FakeClock(T0), every=100)
+    store.append_audit([entry(n) for n in range(1, 251)])
+    made = writer.maybe_checkpoint()
+    assert made is not None and made.seq == 250
+    writer.log([entry(251)])
+    assert writer.maybe_checkpoint() is None
+    final = writer.checkpoint()
+    assert final is not None and final.seq == 251
+    assert store.head_reads == 4  # one per maybe_checkpoint, log and checkpoint call
+    assert [cp.seq for cp in store.checkpoints()] == [250, 251]
+
+
+def test_writer_on_the_sql_registry_signs_its_head(tmp_path: Path) -> None:
+    with SqlStore(f"sqlite:///{tmp_path / 'registry.db'}") as store:
+        writer = AuditWriter(store, SIGNER, FakeClock(T0), every=3)
+        store.append_audit([entry(n) for n in range(1, 3)])
+        assert writer.maybe_checkpoint() is None
+        writer.log([entry(3), entry(4)])
+        head = store.audit_head()
+        assert head is not None and head.seq == 4
+        assert [(cp.seq, cp.hash) for cp in store.checkpoints()] == [(4, head.hash)]
+        assert verify_chain(store.audit_records(), store.checkpoints(), KEY).ok
+
+
 @pytest.mark.parametrize(("every", "error"), [(0, ValueError), (2.5, TypeError), (True, TypeError)])
 def test_writer_interval_must_be_a_positive_int(every: object, error: type[Exception]) -> None:
     with pytest.raises(error):

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import itertools
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from gateway.audit import GENESIS_HASH, verify_chain
 from gateway.lifecycle import TransitionError
 from gateway.registry import SqlStore
+from gateway.registry.sql_store import refusal_upsert
 from gateway.store import (
+    MAX_REFUSAL_COUNT,
     AuditCheckpoint,
     AuditEntry,
     CertificateRecord,
@@ -25,11 +30,13 @@ from gateway.store import (
     IdentityState,
     NonceCheck,
     NonceRecord,
+    RefusalRecord,
     Store,
     StoredResponse,
     StoreError,
     TokenCheck,
     TokenRecord,
+    refusal_key,
 )
 from gateway.store_memory import MemoryStore
 from pki.profile import IdentityKind
@@ -582,6 +589,43 @@ def test_audit_records_pages(store: Store) -> None:
         store.audit_records(limit=-1)
 
 
+def test_audit_head_is_the_newest_record(store: Store) -> None:
+    assert store.audit_head() is None
+    store.put_identity(identity(state=IdentityState.PENDING), [entry("enroll")])
+    assert store.audit_head() == store.audit_records()[-1]
+    store.change_state("dev-1", IdentityState.ACTIVE, T0, [entry("approve"), entry("note")])
+    head = store.audit_head()
+    assert head is not None and (head.seq, head.entry.action) == (3, "note")
+    assert head == store.audit_records()[-1]
+
+
+def test_audit_head_moves_with_every_audited_change_only(store: Store) -> None:
+    store.put_identity(identity(), [entry("enroll")])
+    before = store.audit_head()
+    store.touch("dev-1", T0 + timedelta(minutes=1))
+    store.put_nonce(nonce())
+    assert store.audit_head() == before
+    store.record_outcome(response=response(), certificate=certificate(10), audit=[entry("issue")])
+    after = store.audit_head()
+    assert after is not None and before is not None and after.seq == before.seq + 1
+
+
+def test_audit_head_is_not_moved_by_a_refused_change(store: Store) -> None:
+    store.put_identity(identity(), [entry("enroll")])
+    before = store.audit_head()
+    with pytest.raises(TransitionError):
+        store.change_state("dev-1", IdentityState.PENDING, T0, [entry("oops")])
+    assert store.audit_head() == before
+
+
+def test_audit_head_cannot_be_changed_through_its_dict(store: Store) -> None:
+    store.append_audit([entry(note="a")])
+    head = store.audit_head()
+    assert head is not None
+    head.entry.detail["note"] = "changed after read"
+    assert store.audit_records()[0].entry.detail == {"note": "a"}
+
+
 def test_append_nothing_is_a_no_op(store: Store) -> None:
     assert store.append_audit([]) == []
     assert store.audit_records() == []
@@ -654,6 +698,364 @@ def test_concurrent_writers_keep_one_unbroken_chain(store: Store) -> None:
     records = store.audit_records()
     assert len(records) == 40
     assert verify_chain(records, []).ok
+
+
+# refused connections
+
+FP_A = "a1" * 32
+FP_B = "b2" * 32
+CA_ISSUER = "CN=Someone Else's CA,O=Elsewhere"
+
+
+def refusal(
+    fingerprint: str | None = FP_A,
+    *,
+    at: datetime = T0,
+    first: datetime | None = None,
+    client: str | None = "dev-x",
+    remote: str = "10.0.0.7:50001",
+    reason: str = "unknown_ca",
+    listener: str = "operational",
+    count: int = 1,
+) -> RefusalRecord:
+    # Aggregated per certificate when there is one, else per client id (the gateway's rule).
+    return RefusalRecord(
+        key=refusal_key(listener, reason, fingerprint, None if fingerprint else client),
+        listener=listener,
+        reason=reason,
+        client_id=client,
+        cert_subject=None if fingerprint is None else f"CN={client}",
+        cert_issuer=None if fingerprint is None else CA_ISSUER,
+        cert_fingerprint=fingerprint,
+        remote=remote,
+        first_seen=at if first is None else first,
+        last_seen=at,
+        count=count,
+    )
+
+
+def seconds(n: float) -> datetime:
+    return T0 + timedelta(seconds=n)
+
+
+def test_refusal_round_trips_every_field(store: Store) -> None:
+    plus_two = timezone(timedelta(hours=2))
+    record = RefusalRecord(
+        key=refusal_key("operational", "unknown_ca", FP_A, None),
+        listener="operational",
+        reason="unknown_ca",
+        client_id="capteur-zoë/7 \"quoted\"",
+        cert_subject="CN=capteur-zoë,O=Acme\\, Inc.",
+        cert_issuer=CA_ISSUER,
+        cert_fingerprint=FP_A,
+        remote="[2001:db8::17]:50001",
+        first_seen=seconds(-30).astimezone(plus_two),
+        last_seen=seconds(0).astimezone(plus_two),
+        count=41,
+    )
+    store.record_refusals([record])
+    got = store.refusals()
+    assert got == [record]
+    assert got[0].first_seen.utcoffset() == timedelta(0)
+    assert got[0].last_seen.utcoffset() == timedelta(0)
+
+
+def test_refusals_with_nothing_identifying_round_trip(store: Store) -> None:
+    bare = refusal(None, client=None, reason="no_client_certificate")
+    store.record_refusals([bare])
+    assert store.refusals() == [bare]
+
+
+def test_repeated_refusals_of_one_source_are_one_row(store: Store) -> None:
+    store.record_refusals([refusal(at=seconds(0), remote="10.0.0.7:50001", count=2)])
+    store.record_refusals([refusal(at=seconds(5), remote="10.0.0.7:50002")])
+    store.record_refusals([refusal(at=seconds(9), remote="10.0.0.8:40000", count=5)])
+    assert store.refusals() == [
+        dataclasses.replace(
+            refusal(at=seconds(9), remote="10.0.0.8:40000"), first_seen=seconds(0), count=8
+        )
+    ]
+
+
+def test_an_older_sighting_adds_to_the_count_without_rewinding(store: Store) -> None:
+    # Two gateways flushing out of order: the row still spans both and names the newest.
+    store.record_refusals([refusal(at=seconds(10), remote="10.0.0.1:1", client="newest")])
+    store.record_refusals(
+        [refusal(at=seconds(5), first=seconds(-5), remote="10.0.0.2:2", client="older")]
+    )
+    [row] = store.refusals()
+    assert (row.first_seen, row.last_seen, row.count) == (seconds(-5), seconds(10), 2)
+    assert (row.remote, row.client_id) == ("10.0.0.1:1", "newest")
+
+
+def test_the_newest_sighting_names_who_and_where(store: Store) -> None:
+    store.record_refusals([refusal(at=seconds(1), client="first-name")])
+    store.record_refusals([refusal(at=seconds(2), client="second-name", remote="10.9.9.9:9")])
+    [row] = store.refusals()
+    assert (row.client_id, row.cert_subject, row.remote) == (
+        "second-name",
+        "CN=second-name",
+        "10.9.9.9:9",
+    )
+
+
+def test_a_key_repeated_within_one_batch_is_folded(store: Store) -> None:
+    store.record_refusals(
+        [
+            refusal(at=seconds(3), remote="10.0.0.1:3"),
+            refusal(FP_B, at=seconds(1)),
+            refusal(at=seconds(1), remote="10.0.0.1:1", count=4),
+            refusal(at=seconds(2), remote="10.0.0.1:2"),
+        ]
+    )
+    rows = {row.cert_fingerprint: row for row in store.refusals()}
+    assert rows[FP_A] == dataclasses.replace(
+        refusal(at=seconds(3), remote="10.0.0.1:3"), first_seen=seconds(1), count=6
+    )
+    assert rows[FP_B] == refusal(FP_B, at=seconds(1))
+
+
+def test_reasons_and_listeners_are_kept_apart(store: Store) -> None:
+    store.record_refusals(
+        [
+            refusal(at=seconds(1), reason="unknown_ca"),
+            refusal(at=seconds(2), reason="certificate_revoked"),
+            refusal(at=seconds(3), listener="enrollment"),
+        ]
+    )
+    assert [(r.listener, r.reason) for r in store.refusals()] == [
+        ("enrollment", "unknown_ca"),
+        ("operational", "certificate_revoked"),
+        ("operational", "unknown_ca"),
+    ]
+
+
+def test_refusals_are_newest_first_and_limited(store: Store) -> None:
+    clients = [f"stranger-{n}" for n in range(6)]
+    times = [seconds(4), seconds(1), seconds(6), seconds(2), seconds(5), seconds(3)]
+    store.record_refusals(
+        [refusal(None, client=c, at=t) for c, t in zip(clients, times, strict=True)]
+    )
+    newest_first = [r.client_id for r in store.refusals()]
+    assert newest_first == [
+        "stranger-2", "stranger-4", "stranger-0", "stranger-5", "stranger-3", "stranger-1"
+    ]
+    assert [r.client_id for r in store.refusals(limit=2)] == ["stranger-2", "stranger-4"]
+    assert store.refusals(limit=0) == []
+    assert len(store.refusals(limit=500)) == 6
+
+
+def test_refusals_seen_at_the_same_instant_come_in_a_stable_order(store: Store) -> None:
+    tied = [refusal(None, client=f"c{n}", at=T0) for n in range(4)]
+    store.record_refusals(tied)
+    expected = sorted(tied, key=lambda record: record.key, reverse=True)
+    assert store.refusals() == expected
+    assert store.refusals(limit=2) == expected[:2]
+
+
+def test_refusals_since_keeps_those_last_seen_at_or_after_it(store: Store) -> None:
+    store.record_refusals(
+        [refusal(None, client=f"c{n}", at=seconds(n), first=seconds(-100)) for n in range(5)]
+    )
+    assert [r.client_id for r in store.refusals(since=seconds(2))] == ["c4", "c3", "c2"]
+    plus_five = timezone(timedelta(hours=5))
+    assert [r.client_id for r in store.refusals(since=seconds(3).astimezone(plus_five))] == [
+        "c4",
+        "c3",
+    ]
+    assert [r.client_id for r in store.refusals(limit=1, since=seconds(0))] == ["c4"]
+    assert store.refusals(since=seconds(4.5)) == []
+
+
+def test_a_refusal_seen_again_shows_up_since_its_new_sighting(store: Store) -> None:
+    store.record_refusals([refusal(at=seconds(0))])
+    assert store.refusals(since=seconds(60)) == []
+    store.record_refusals([refusal(at=seconds(61))])
+    [row] = store.refusals(since=seconds(60))
+    assert (row.first_seen, row.count) == (seconds(0), 2)
+
+
+@pytest.mark.parametrize(
+    ("limit", "error"), [(-1, ValueError), ("5", TypeError), (True, TypeError)]
+)
+def test_bad_refusal_limit_is_refused(store: Store, limit: object, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        store.refusals(limit=limit)  # type: ignore[arg-type]
+
+
+def test_refusals_since_a_naive_time_is_refused(store: Store) -> None:
+    store.record_refusals([refusal()])
+    with pytest.raises(ValueError, match="timezone-aware"):
+        store.refusals(since=datetime(2026, 3, 1, 12))
+
+
+def test_recording_no_refusals_is_a_no_op(store: Store) -> None:
+    store.record_refusals([])
+    assert store.refusals() == []
+
+
+def test_refusals_leave_the_audit_trail_alone(store: Store) -> None:
+    # A flood must not grow the hash chain, nor make the gateway's change signal fire.
+    store.append_audit([entry()])
+    head = store.audit_head()
+    store.record_refusals([refusal(), refusal(FP_B)])
+    assert store.audit_head() == head
+
+
+def _smuggled(**changes: object) -> RefusalRecord:
+    """A record altered after construction, past its own validation."""
+    record = refusal(FP_B, at=seconds(7))
+    for name, value in changes.items():
+        object.__setattr__(record, name, value)
+    return record
+
+
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [
+        ("not a record", TypeError),
+        (_smuggled(last_seen=datetime(2026, 3, 1, 12)), ValueError),  # naive
+        (_smuggled(count=0), ValueError),
+        (_smuggled(count=2.5), TypeError),
+        (_smuggled(key=""), ValueError),
+        (_smuggled(client_id="nul\x00inside"), ValueError),
+    ],
+)
+def test_a_batch_with_one_bad_record_writes_nothing(
+    store: Store, bad: object, error: type[Exception]
+) -> None:
+    store.record_refusals([refusal(at=seconds(0))])
+    before = store.refusals()
+    with pytest.raises(error):
+        store.record_refusals([refusal(at=seconds(5)), refusal(None, at=seconds(5)), bad])  # type: ignore[list-item]
+    assert store.refusals() == before
+
+
+def test_a_batch_whose_folded_count_would_overflow_writes_nothing(store: Store) -> None:
+    huge = refusal(count=MAX_REFUSAL_COUNT)
+    with pytest.raises(ValueError, match="count"):
+        store.record_refusals([refusal(FP_B), huge, huge])
+    assert store.refusals() == []
+
+
+@pytest.mark.parametrize("batch", ["not a list", b"bytes", None, 7])
+def test_refusals_must_come_as_a_sequence(store: Store, batch: object) -> None:
+    with pytest.raises(TypeError):
+        store.record_refusals(batch)  # type: ignore[arg-type]
+    assert store.refusals() == []
+
+
+def test_concurrent_batches_of_one_key_add_up(store: Store) -> None:
+    barrier = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def flush(worker: int) -> None:
+        try:
+            barrier.wait()
+            for n in range(5):
+                store.record_refusals([refusal(at=seconds(worker * 10 + n), count=3)])
+        except BaseException as error:  # surfaced by the assertion below
+            errors.append(error)
+
+    threads = [threading.Thread(target=flush, args=(w,)) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    [row] = store.refusals()
+    assert (row.count, row.first_seen, row.last_seen) == (60, seconds(0), seconds(34))
+
+
+# refusal records and keys
+
+
+def test_refusal_key_is_sha256_of_the_joined_fields() -> None:
+    expected = hashlib.sha256(f"operational|unknown_ca|{FP_A}|".encode()).hexdigest()
+    assert refusal_key("operational", "unknown_ca", FP_A, None) == expected
+    assert refusal_key("operational", "unknown_ca", FP_A, "") == expected
+    by_client = hashlib.sha256(b"enrollment|not_enrolled||dev-\xc3\xa9").hexdigest()
+    assert refusal_key("enrollment", "not_enrolled", None, "dev-é") == by_client
+
+
+def test_refusal_keys_differ_for_every_field() -> None:
+    keys = {
+        refusal_key("operational", "unknown_ca", FP_A, "c"),
+        refusal_key("enrollment", "unknown_ca", FP_A, "c"),
+        refusal_key("operational", "certificate_revoked", FP_A, "c"),
+        refusal_key("operational", "unknown_ca", FP_B, "c"),
+        refusal_key("operational", "unknown_ca", FP_A, "d"),
+        refusal_key("operational", "unknown_ca", None, "c"),
+    }
+    assert len(keys) == 6
+
+
+def test_a_client_id_with_the_separator_cannot_pose_as_another_source() -> None:
+    assert refusal_key("operational", "unknown_ca", None, f"{FP_A}|x") != refusal_key(
+        "operational", "unknown_ca", FP_A, "x"
+    )
+    assert refusal_key("operational", "unknown_ca", None, "a|b")  # the client id is free text
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (("oper|ational", "unknown_ca", None, "c"), ValueError),
+        (("operational", "unknown|ca", None, "c"), ValueError),
+        (("operational", "unknown_ca", "a|b", "c"), ValueError),
+        ((None, "unknown_ca", None, "c"), TypeError),
+        (("operational", "unknown_ca", b"ab", "c"), TypeError),
+        (("operational", "unknown_ca", None, 42), TypeError),
+    ],
+)
+def test_bad_refusal_key_fields_are_refused(
+    args: tuple[object, ...], error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        refusal_key(*args)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"first_seen": datetime(2026, 3, 1, 12)}, ValueError),  # naive
+        ({"last_seen": datetime(2026, 3, 1, 12)}, ValueError),
+        ({"last_seen": "2026-03-01T12:00:00Z"}, TypeError),
+        ({"first_seen": T0 + timedelta(seconds=1)}, ValueError),  # after last_seen
+        ({"count": 0}, ValueError),
+        ({"count": -3}, ValueError),
+        ({"count": MAX_REFUSAL_COUNT + 1}, ValueError),
+        ({"count": True}, TypeError),
+        ({"count": 1.0}, TypeError),
+        ({"key": ""}, ValueError),
+        ({"key": "k" * 65}, ValueError),
+        ({"key": None}, TypeError),
+        ({"listener": ""}, ValueError),
+        ({"listener": "l" * 65}, ValueError),
+        ({"reason": ""}, ValueError),
+        ({"reason": 7}, TypeError),
+        ({"remote": ""}, ValueError),
+        ({"remote": "r" * 256}, ValueError),
+        ({"cert_fingerprint": "AB" * 32}, ValueError),
+        ({"cert_fingerprint": "ab" * 31}, ValueError),
+        ({"cert_fingerprint": ""}, ValueError),
+        ({"client_id": b"dev"}, TypeError),
+        ({"client_id": "dev\x00x"}, ValueError),  # PostgreSQL text cannot hold NUL
+        ({"cert_subject": "CN=\ud800"}, ValueError),  # an unpaired surrogate is not text
+        ({"cert_issuer": 3}, TypeError),
+    ],
+)
+def test_bad_refusal_record_is_refused(change: dict[str, object], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        dataclasses.replace(refusal(), **change)  # type: ignore[arg-type]
+
+
+def test_long_client_supplied_text_is_accepted(store: Store) -> None:
+    # Client id, subject and issuer come from the refused client: no width limit to trip over.
+    long = refusal(client="c" * 5000)
+    long = dataclasses.replace(long, cert_subject="CN=" + "s" * 5000, client_id="")
+    store.record_refusals([long])
+    assert store.refusals() == [long]
 
 
 # the SQL registry only: durability and failures
@@ -758,3 +1160,98 @@ def test_immutable_database_file_fails_writes_until_made_writable(tmp_path: Path
         assert [i.id for i in sql.list_identities()] == ["dev-1", "dev-2"]
     finally:
         sql.close()
+
+
+
+def statements_run(sql: SqlStore, action: Callable[[], object]) -> list[tuple[str, object]]:
+    """The statements (with their parameters) ``action`` sends, transaction control aside."""
+    seen: list[tuple[str, object]] = []
+
+    def record(_conn: object, _cursor: object, statement: str, params: object, *_: object) -> None:
+        if not statement.startswith(("BEGIN", "COMMIT", "ROLLBACK")):
+            seen.append((statement, params))
+
+    sa.event.listen(sql.engine, "before_cursor_execute", record)
+    try:
+        action()
+    finally:
+        sa.event.remove(sql.engine, "before_cursor_execute", record)
+    return seen
+
+
+def query_plan(sql: SqlStore, statement: tuple[str, object]) -> str:
+    text, params = statement
+    with sql.engine.connect() as conn:
+        rows = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {text}", params).all()  # type: ignore[arg-type]
+    return " / ".join(str(row[-1]) for row in rows)
+
+
+def test_sql_audit_head_is_one_query_that_sorts_nothing(tmp_path: Path) -> None:
+    with SqlStore(sqlite_url(tmp_path / "registry.db")) as sql:
+        sql.append_audit([entry(str(n)) for n in range(300)])
+        statements = statements_run(sql, sql.audit_head)
+        assert len(statements) == 1
+        plan = query_plan(sql, statements[0])
+        assert "TEMP B-TREE" not in plan  # read backwards along the primary key, stops at one
+
+
+def test_sql_refusals_read_the_index_instead_of_sorting_the_table(tmp_path: Path) -> None:
+    with SqlStore(sqlite_url(tmp_path / "registry.db")) as sql:
+        sql.record_refusals([refusal(None, client=f"c{n}", at=seconds(n)) for n in range(50)])
+        for since in (None, seconds(10)):
+            statements = statements_run(sql, functools.partial(sql.refusals, 20, since))
+            assert len(statements) == 1
+            plan = query_plan(sql, statements[0])
+            assert "ix_connection_refusal_last_seen_key" in plan
+            assert "TEMP B-TREE" not in plan
+
+
+def test_sql_refusal_batch_is_one_transaction(tmp_path: Path) -> None:
+    with SqlStore(sqlite_url(tmp_path / "registry.db")) as sql:
+        begins: list[str] = []
+
+        def record(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+            if statement.startswith("BEGIN"):
+                begins.append(statement)
+
+        sa.event.listen(sql.engine, "before_cursor_execute", record)
+        try:
+            sql.record_refusals([refusal(None, client=f"c{n}") for n in range(30)])
+        finally:
+            sa.event.remove(sql.engine, "before_cursor_execute", record)
+        assert begins == ["BEGIN IMMEDIATE"]
+        assert len(sql.refusals()) == 30
+
+
+def test_sql_refusal_upsert_is_portable_to_postgresql() -> None:
+    from sqlalchemy.dialects import postgresql
+
+    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
+    text = str(refusal_upsert("postgresql").compile(dialect=dialect))
+    assert "ON CONFLICT (key) DO UPDATE SET" in text
+    assert "count = (connection_refusal.count + excluded.count)" in text
+    with pytest.raises(StoreError, match="SQLite or PostgreSQL"):
+        refusal_upsert("mysql")
+
+
+def test_sql_refusals_survive_reopen(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path / "registry.db")
+    with SqlStore(url) as first:
+        first.record_refusals([refusal(count=3)])
+    with SqlStore(url) as second:
+        second.record_refusals([refusal(at=seconds(1))])
+        [row] = second.refusals()
+        assert row.count == 4
+
+
+def test_sql_refusals_on_a_read_only_database_are_a_store_error(tmp_path: Path) -> None:
+    path = tmp_path / "registry.db"
+    with SqlStore(sqlite_url(path)) as writable:
+        writable.record_refusals([refusal()])
+    read_only = SqlStore(f"sqlite:///file:{path}?mode=ro&uri=true")
+    try:
+        with pytest.raises(StoreError, match="read-only"):
+            read_only.record_refusals([refusal(at=seconds(1)), refusal(FP_B)])
+        assert read_only.refusals() == [refusal()]
+    finally:
+        read_only.close()
