@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -11,6 +11,9 @@ class Publish:
     payload: bytes
     qos: int = 1
     retain: bool = False
+    # Set when the payload carries a new certificate: the identity the broker must admit
+    # (with its topic rights) before this reaches the device, which connects right after.
+    issued_to: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.topic, str) or not self.topic:

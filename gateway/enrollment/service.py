@@ -64,6 +64,13 @@ MAX_REMEMBERED_ATTEMPTS = 4096
 _AttemptKey = tuple[str, str, str]  # device id, request id, sha256 of the request bytes
 
 
+def _replay(where: RequestTopic, stored: StoredResponse) -> Publish:
+    """The stored answer again; a stored certificate still needs its holder admitted (the
+    first publish may have failed before the broker knew the device)."""
+    issued = stored.outcome == "issued"
+    return Publish(where.response, stored.payload, issued_to=where.device_id if issued else None)
+
+
 def _digest(payload: bytes) -> str:
     return hashlib.sha256(payload).hexdigest()
 
@@ -153,7 +160,7 @@ class EnrollmentService:
             )
         if stored is not None and stored.outcome != "pending":
             self.metrics["replayed"] += 1
-            return Publish(where.response, stored.payload)
+            return _replay(where, stored)
         with self._consumed_lock:
             resumed = stored is not None or key in self._consumed
         attempt = Attempt(resumed=resumed)
@@ -233,7 +240,8 @@ class EnrollmentService:
             return self._unavailable(where, request.id, str(exc))
         self._forget(key)
         self.metrics[decision.metric] += 1
-        return Publish(where.response, payload)
+        issued = decision.certificate is not None
+        return Publish(where.response, payload, issued_to=where.device_id if issued else None)
 
     def _after_duplicate(
         self,
@@ -272,7 +280,7 @@ class EnrollmentService:
         if stored is None or stored.request_digest != key[2] or stored.outcome == "pending":
             return None
         self.metrics["replayed"] += 1
-        return Publish(where.response, stored.payload)
+        return _replay(where, stored)
 
     def _refuse(
         self,
