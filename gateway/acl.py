@@ -149,7 +149,7 @@ def _topic_is_valid(topic: str) -> bool:
 
 
 @dataclass(frozen=True)
-class _Grants:
+class Grants:
     """Topics one principal in one state may use. ``exact`` holds whole topics, ``subtrees``
     holds level lists whose topic and everything below it is granted; ``everything`` is the
     root subtree (gateway and internal principals)."""
@@ -161,8 +161,8 @@ class _Grants:
     everything: bool = False
 
 
-_NOTHING = _Grants()
-_EVERYTHING = _Grants(everything=True)
+_NOTHING = Grants()
+_EVERYTHING = Grants(everything=True)
 
 
 def _levels(topic: str) -> tuple[str, ...]:
@@ -174,7 +174,7 @@ def _dev(name: str, *rest: str) -> str:
 
 
 @lru_cache(maxsize=8192)
-def _grants(kind: str, name: str, state: IdentityState | None) -> _Grants:
+def grants(kind: str, name: str, state: IdentityState | None) -> Grants:
     """Grants are a pure function of (kind, name, state): cached, because the broker asks for
     every message it routes."""
     if kind == "internal":
@@ -182,7 +182,7 @@ def _grants(kind: str, name: str, state: IdentityState | None) -> _Grants:
     if kind == "enrollee":
         if state is IdentityState.REVOKED:
             return _NOTHING
-        return _Grants(
+        return Grants(
             publish_exact=frozenset({topics.enroll_request(name)}),
             receive_exact=frozenset({topics.enroll_response(name)}),
         )
@@ -195,17 +195,17 @@ def _grants(kind: str, name: str, state: IdentityState | None) -> _Grants:
     if kind == "operator":
         if state is not IdentityState.ACTIVE:
             return _NOTHING
-        return _Grants(
+        return Grants(
             publish_exact=frozenset({f"{topics.PREFIX}/admin/{name}/req"}),
             receive_subtrees=(_levels(f"{topics.PREFIX}/admin"),),
         )
     if kind == "device":
         if state is IdentityState.QUARANTINED:
-            return _Grants(
+            return Grants(
                 publish_subtrees=(_levels(_dev(name, "quarantine")),),
                 receive_exact=frozenset({topics.renew_response(name)}),
             )
-        return _Grants(
+        return Grants(
             publish_exact=frozenset(
                 {topics.telemetry(name), topics.state(name), topics.renew_request(name)}
             ),
@@ -301,17 +301,17 @@ class TopicAcl:
             return False
         if _LISTENER_OF_KIND[principal.kind] != principal.listener:
             return False
-        grants = _grants(principal.kind, principal.name, self._state(principal))
+        granted = grants(principal.kind, principal.name, self._state(principal))
         if action is Action.SUBSCRIBE:
             if not filter_is_valid(topic):
                 return False
-            if grants.everything:
+            if granted.everything:
                 return True
-            return _filter_covered(topic, grants.receive_exact, grants.receive_subtrees)
+            return _filter_covered(topic, granted.receive_exact, granted.receive_subtrees)
         if not _topic_is_valid(topic):
             return False
-        if grants.everything:
+        if granted.everything:
             return True
         if action is Action.PUBLISH:
-            return _topic_granted(topic, grants.publish_exact, grants.publish_subtrees)
-        return _topic_granted(topic, grants.receive_exact, grants.receive_subtrees)
+            return _topic_granted(topic, granted.publish_exact, granted.publish_subtrees)
+        return _topic_granted(topic, granted.receive_exact, granted.receive_subtrees)

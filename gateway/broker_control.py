@@ -8,10 +8,23 @@ The service and the benchmarks talk to this protocol only.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol
 
 from gateway.acl import Principal
 from gateway.store import IdentityState
+from pki.profile import IdentityKind
+
+
+class IdentityLike(Protocol):
+    """An identity as the registry keeps it (``gateway.store.IdentityRecord`` fits)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def kind(self) -> IdentityKind: ...
+    @property
+    def state(self) -> IdentityState: ...
 
 
 class BrokerControl(Protocol):
@@ -24,10 +37,22 @@ class BrokerControl(Protocol):
         client connects there with a username and password)."""
         ...
 
-    async def apply(self, identity_id: str, state: IdentityState) -> None:
+    @property
+    def internal_credentials(self) -> tuple[str, str]:
+        """Username and password of the gateway's own message client on ``internal``."""
+        ...
+
+    async def apply(
+        self, identity_id: str, state: IdentityState, *, kind: IdentityKind = IdentityKind.DEVICE
+    ) -> None:
         """Enforce an identity's state now, on a live session too: active -> its own topics;
         quarantined -> only its quarantine topics, still connected; revoked -> session cut and
         every later connection refused; pending -> no operational access."""
+        ...
+
+    async def sync(self, identities: Iterable[IdentityLike]) -> int:
+        """Bring each identity to its state, doing only what is not in force yet (cheap to
+        call again); returns how many changed."""
         ...
 
     async def kick(self, client_id: str) -> bool:

@@ -15,9 +15,12 @@ import asyncio
 import logging
 import secrets
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import timedelta
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from functools import partial
+from typing import TypeVar
 
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
@@ -25,16 +28,24 @@ from cryptography.hazmat.primitives.serialization import (
     PrivateFormat,
 )
 
+from gateway import operations
 from gateway.acl import Principal, TopicAcl
 from gateway.audit import AuditWriter
-from gateway.broker import EmbeddedBroker, ListenerConfig, TlsMaterial
+from gateway.broker import EmbeddedBroker, ListenerConfig, RefusedConnection, TlsMaterial
+from gateway.broker_control import BrokerControl
 from gateway.config import Settings
 from gateway.enrollment import ApprovalRule, EnrollmentPolicy, EnrollmentService
 from gateway.home import AUDIT_KEY, load_keys, load_manufacturer_roots, pem
 from gateway.protocol import topics
 from gateway.registry import SqlStore
-from gateway.store import IdentityState, Store
-from gateway.transport import BrokerAddress, MqttTransport, Outgoing
+from gateway.store import (
+    IdentityRecord,
+    IdentityState,
+    RefusalRecord,
+    Store,
+    refusal_key,
+)
+from gateway.transport import BrokerAddress, MqttTransport, Outgoing, Route
 from pki.clock import Clock, SystemClock
 from pki.crl import RevokedEntry, build_crl
 from pki.issue import Issuer
@@ -42,14 +53,16 @@ from pki.keys import LocalSigner
 from pki.profile import IdentityKind, LeafTemplate
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 BROKER_CERT_LIFETIME = timedelta(days=7)
 # An expired CRL makes the TLS stack refuse every client: it is re-signed every hour, a day
 # before it would lapse.
 CRL_VALIDITY = timedelta(days=1)
 CRL_REFRESH_SECONDS = 3600.0
-STATE_REFRESH_SECONDS = 1.0
-TRUST_REFRESH_SECONDS = 5.0
+CHANGE_POLL_SECONDS = 0.2
+TRUST_REFRESH_SECONDS = 1.0
+REFUSAL_FLUSH_SECONDS = 1.0
 CHECKPOINT_SECONDS = 5.0
 
 
@@ -98,16 +111,43 @@ class IdentityStates:
                 state = record.state
         return state
 
-    def refresh(self) -> dict[str, IdentityState]:
+    def refresh(self) -> dict[str, tuple[IdentityKind, IdentityState]]:
         """Reload from the registry; returns the identities whose state changed."""
-        states = {r.id: r.state for r in self._store.list_identities()}
+        records = self._store.list_identities()
+        states = {r.id: r.state for r in records}
         with self._lock:
             old, self._states = self._states, states
-        return {i: s for i, s in states.items() if old.get(i) is not s}
+        return {r.id: (r.kind, r.state) for r in records if old.get(r.id) is not r.state}
 
     def set(self, identity_id: str, state: IdentityState) -> None:
         with self._lock:
             self._states = {**self._states, identity_id: state}
+
+
+@dataclass(frozen=True)
+class GatewayEvent:
+    """Something an operator watching the fleet wants to know, as it happens.
+
+    ``kind``: certificate_issued, state_changed, connected, disconnected, refused, clone.
+    ``subject``: the identity concerned (None for refusals of unknown identities).
+    """
+
+    kind: str
+    subject: str | None
+    at: datetime
+    data: dict[str, str] = field(default_factory=dict)
+
+
+EventListener = Callable[[GatewayEvent], None]
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A device the gateway just certified: active from now on."""
+
+    id: str
+    kind: IdentityKind = IdentityKind.DEVICE
+    state: IdentityState = IdentityState.ACTIVE
 
 
 @dataclass(frozen=True)
@@ -126,7 +166,7 @@ class Gateway:
         *,
         clock: Clock | None = None,
         store: Store | None = None,
-        on_event: Callable[[str, dict[str, str]], None] | None = None,
+        broker_kind: str | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
@@ -146,11 +186,21 @@ class Gateway:
         self.enrollment = EnrollmentService(self.store, self.issuer, self.policy, self.clock)
         self.states = IdentityStates(self.store)
         self.acl = TopicAcl(self.states)
-        self._on_event = on_event
         self._internal_password = secrets.token_urlsafe(24)
-        self.broker: EmbeddedBroker | None = None
+        self.broker_kind = broker_kind or settings.broker.kind
+        self.broker: BrokerControl | None = None
         self.transport: MqttTransport | None = None
+        self.metrics: Counter[str] = Counter()
         self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Future[None]] = set()
+        self._audit_seq = 0
+        self._trust_stamp: tuple[int, int] = (0, 0)
+        self._refusals: dict[str, RefusalRecord] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Extensions (the admin API, behaviour metrics) add MQTT routes and event listeners
+        # here before start().
+        self.routes: list[Route] = []
+        self.listeners: list[EventListener] = []
 
     # -- certificates the broker needs -------------------------------------------------------
 
@@ -184,8 +234,9 @@ class Gateway:
             RevokedEntry(serial=c.serial, revoked_at=c.revoked_at or c.issued_at)
             for c in self.store.revoked_certificates()
         ]
-        now = self.clock.now()
-        crl = build_crl(self.issuing, entries, self.clock, CRL_VALIDITY, int(now.timestamp()))
+        # CRLNumber must grow with every CRL: milliseconds keep two CRLs in one second apart.
+        number = int(self.clock.now().timestamp() * 1000)
+        crl = build_crl(self.issuing, entries, self.clock, CRL_VALIDITY, number)
         return crl.public_bytes(Encoding.PEM)
 
     def ca_chain_pem(self) -> bytes:
@@ -199,10 +250,69 @@ class Gateway:
         ports = self.broker.ports
         return GatewayPorts(ports["enrollment"], ports["operational"], ports["internal"])
 
+    def emit(self, kind: str, subject: str | None, /, **data: str) -> None:
+        """Tell every listener; a failing listener never disturbs the gateway."""
+        event = GatewayEvent(kind, subject, self.clock.now(), data)
+        for listener in self.listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("event listener failed on %s", kind)
+
+    def call(self, coro: Coroutine[object, object, T], timeout: float = 30.0) -> T:
+        """Run ``coro`` on the gateway's event loop from another thread (a handler in the
+        transport's worker) and wait for its result."""
+        assert self._loop is not None, "gateway not started"
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
     def _connected(self, principal: Principal, remote: str) -> None:
+        self.emit("connected", principal.name, kind=principal.kind, remote=remote,
+                  listener=principal.listener)
         if principal.kind == "device":
             # A database write must not stall the broker's event loop: do it in a thread.
             asyncio.get_running_loop().run_in_executor(None, self._touch, principal.name)
+
+    def _disconnected(self, principal: Principal) -> None:
+        self.emit("disconnected", principal.name, kind=principal.kind, listener=principal.listener)
+
+    def _refused(self, refused: RefusedConnection) -> None:
+        """Remember who was turned away, aggregated (a device retrying all day is one row);
+        written to the registry once a second for the console's "unknown identities"."""
+        key = refusal_key(
+            refused.listener, refused.reason, refused.cert_fingerprint, refused.client_id
+        )
+        previous = self._refusals.get(key)
+        try:
+            self._refusals[key] = RefusalRecord(
+                key=key,
+                listener=refused.listener,
+                reason=refused.reason,
+                client_id=refused.client_id,
+                cert_subject=refused.cert_subject,
+                cert_issuer=refused.cert_issuer,
+                cert_fingerprint=refused.cert_fingerprint,
+                remote=refused.remote,
+                first_seen=previous.first_seen if previous else refused.at,
+                last_seen=refused.at,
+                count=previous.count + 1 if previous else 1,
+            )
+        except ValueError:
+            # A client id no registry can hold (NUL bytes, broken Unicode): counted, not kept.
+            self.metrics["refusals.unrecordable"] += 1
+        self.emit(
+            "refused",
+            refused.client_id,
+            reason=refused.reason,
+            remote=refused.remote,
+            listener=refused.listener,
+            issuer=refused.cert_issuer or "",
+            subject=refused.cert_subject or "",
+        )
+
+    def _flush_refusals(self) -> None:
+        batch, self._refusals = self._refusals, {}
+        if batch:
+            self.store.record_refusals(list(batch.values()))
 
     def _touch(self, identity_id: str) -> None:
         try:
@@ -210,67 +320,173 @@ class Gateway:
         except Exception:  # a failed last-seen update must never refuse a connection
             log.exception("could not record last-seen for %s", identity_id)
 
-    async def start(self) -> None:
-        self.states.refresh()
-        crl = self.crl_pem()
-        self.broker = EmbeddedBroker(
-            ListenerConfig(
-                host=self.settings.broker.host,
-                enrollment_port=self.settings.broker.enrollment_port,
-                operational_port=self.settings.broker.operational_port,
-                internal_port=0,
-            ),
+    def _make_broker(self, crl: bytes) -> BrokerControl:
+        listeners = ListenerConfig(
+            host=self.settings.broker.host,
+            enrollment_port=self.settings.broker.enrollment_port,
+            operational_port=self.settings.broker.operational_port,
+            internal_port=0,
+        )
+        if self.broker_kind == "mosquitto":
+            from gateway.mosquitto import MosquittoBroker
+
+            return MosquittoBroker(
+                self.settings.home / "mosquitto",
+                listeners,
+                self._broker_tls(),
+                crl,
+                identities=self.store.list_identities,
+                clock=self.clock,
+                on_clone=self._clone_seen,
+            )
+        return EmbeddedBroker(
+            listeners,
             self._broker_tls(),
             self.acl,
             internal_password=self._internal_password,
             crl_pem=crl,
             on_connect=self._connected,
+            on_disconnect=self._disconnected,
+            on_refused=self._refused,
+            on_clone=self._clone_seen,
             trust_domain=self.settings.trust_domain,
             clock=self.clock,
         )
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.states.refresh()
+        self._audit_seq = self._audit_head_seq()
+        crl = self.crl_pem()
+        self.broker = self._make_broker(crl)
         await self.broker.start()
+        username, password = self.broker.internal_credentials
         self.transport = MqttTransport(
-            BrokerAddress(
-                "127.0.0.1",
-                self.broker.ports["internal"],
-                username="fleetgate-gateway",
-                password=self._internal_password,
-            ),
-            [topics.ENROLL_REQUEST_FILTER, topics.RENEW_REQUEST_FILTER],
-            self._handle,
+            BrokerAddress("127.0.0.1", self.broker.ports["internal"], username, password),
+            [
+                Route(topics.ENROLL_REQUEST_FILTER, self.enrollment.handle),
+                Route(topics.RENEW_REQUEST_FILTER, self.enrollment.handle),
+                *self.routes,
+            ],
+            prepare=self._admit_certified,
         )
         await self.transport.start()
         await self.transport.publish(Outgoing(topics.CA_TOPIC, self.ca_chain_pem(), retain=True))
         await self.transport.publish(Outgoing(topics.CRL_TOPIC, crl, retain=True))
         self._tasks = [
-            asyncio.create_task(self._every(STATE_REFRESH_SECONDS, self._sync_states)),
+            asyncio.create_task(self._every(CHANGE_POLL_SECONDS, self._sync_states)),
             asyncio.create_task(self._every(CHECKPOINT_SECONDS, self.audit.maybe_checkpoint)),
             asyncio.create_task(self._every(CRL_REFRESH_SECONDS, self._refresh_crl)),
             asyncio.create_task(self._every(TRUST_REFRESH_SECONDS, self._reload_trust)),
+            asyncio.create_task(self._every(REFUSAL_FLUSH_SECONDS, self._flush_refusals)),
         ]
 
+    def _audit_head_seq(self) -> int:
+        head = self.store.audit_head()
+        return head.seq if head is not None else 0
+
     async def _sync_states(self) -> None:
-        """Enforce changes another process made in the registry (the CLI, another gateway):
-        the ACL reads the refreshed states at once; a revocation also cuts the session and
-        puts the certificate on the CRL."""
+        """Enforce changes another process made in the registry (the CLI, another gateway).
+
+        Every state change appends an audit event in the same transaction, so the audit head
+        is a one-row "did anything change" signal, cheap to poll every 200 ms; only when it
+        moved are the states reloaded and the differences enforced."""
         loop = asyncio.get_running_loop()
+        seq = await loop.run_in_executor(None, self._audit_head_seq)
+        if seq == self._audit_seq:
+            return
+        self._audit_seq = seq
         changed = await loop.run_in_executor(None, self.states.refresh)
-        revoked = [i for i, state in changed.items() if state is IdentityState.REVOKED]
-        if revoked:
+        await self._enforce(changed)
+
+    async def _enforce(self, changed: dict[str, tuple[IdentityKind, IdentityState]]) -> None:
+        assert self.broker is not None
+        for identity_id, (kind, state) in changed.items():
+            await self.broker.apply(identity_id, state, kind=kind)
+            self.emit("state_changed", identity_id, kind=kind.value, state=state.value)
+        if any(state is IdentityState.REVOKED for _, state in changed.values()):
             await self._refresh_crl()
-            assert self.broker is not None
-            for identity_id in revoked:
-                await self.broker.kick(identity_id)
 
     async def _refresh_crl(self) -> None:
         loop = asyncio.get_running_loop()
         crl = await loop.run_in_executor(None, self.crl_pem)
         assert self.broker is not None and self.transport is not None
-        self.broker.update_crl(crl)
+        await self.broker.publish_crl(crl)
         await self.transport.publish(Outgoing(topics.CRL_TOPIC, crl, retain=True))
 
-    async def _reload_trust(self) -> None:
-        """Pick up manufacturer roots an operator added to trust/manufacturers/ while running."""
+    # -- operator actions, enforced at once ----------------------------------------------------
+
+    async def set_state(
+        self, identity_id: str, state: IdentityState, *, action: str, actor: str, reason: str = ""
+    ) -> IdentityRecord:
+        """Change an identity's state in the registry (audited) and enforce it on the broker
+        before returning. Raises ``OperationError``."""
+        loop = asyncio.get_running_loop()
+        record = await loop.run_in_executor(
+            None,
+            partial(
+                operations.change_state,
+                self.store,
+                identity_id,
+                state,
+                action=action,
+                actor=actor,
+                reason=reason,
+                clock=self.clock,
+            ),
+        )
+        self.states.set(identity_id, record.state)
+        await self._enforce({identity_id: (record.kind, record.state)})
+        return record
+
+    async def quarantine(self, identity_id: str, *, actor: str, reason: str) -> IdentityRecord:
+        return await self.set_state(
+            identity_id, IdentityState.QUARANTINED, action="quarantine", actor=actor, reason=reason
+        )
+
+    async def release(self, identity_id: str, *, actor: str) -> IdentityRecord:
+        return await self.set_state(
+            identity_id, IdentityState.ACTIVE, action="release", actor=actor
+        )
+
+    async def revoke(self, identity_id: str, *, actor: str, reason: str) -> IdentityRecord:
+        return await self.set_state(
+            identity_id, IdentityState.REVOKED, action="revoke", actor=actor, reason=reason
+        )
+
+    def _clone_seen(self, principal: Principal, first: str, second: str) -> None:
+        """The broker refused a second live session of one device: quarantine it, with the
+        evidence in the audit trail. An operator releases it after looking."""
+        self.metrics["clones"] += 1
+        self.emit("clone", principal.name, first=first, second=second)
+        reason = f"clone_detected: live from {first}, second session from {second}"
+
+        async def quarantine() -> None:
+            try:
+                await self.quarantine(principal.name, actor="gateway", reason=reason)
+            except operations.OperationError as exc:  # already quarantined or revoked
+                log.info("clone of %s: %s", principal.name, exc)
+
+        self._spawn(quarantine())
+
+    def _spawn(self, coro: Coroutine[object, object, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _reload_trust(self) -> None:
+        """Pick up manufacturer roots an operator added to trust/manufacturers/ while running
+        (a stat per second; the files are read only when the folder changed)."""
+        try:
+            stamp = max(
+                (p.stat().st_mtime_ns for p in self.settings.manufacturers_dir.glob("*.pem")),
+                default=0,
+            ), len(list(self.settings.manufacturers_dir.glob("*.pem")))
+        except OSError:
+            return
+        if stamp == self._trust_stamp:
+            return
+        self._trust_stamp = stamp
         roots = load_manufacturer_roots(self.settings)
         if roots != self._trusted_roots:
             self._trusted_roots = roots
@@ -278,9 +494,18 @@ class Gateway:
             self.enrollment.replace_policy(self.policy)
             log.info("trusted manufacturer roots reloaded: %d", len(roots))
 
-    def _handle(self, topic: str, payload: bytes) -> list[Outgoing]:
-        replies = self.enrollment.handle(topic, payload)
-        return [Outgoing(r.topic, r.payload, r.qos, r.retain) for r in replies]
+    async def _admit_certified(self, reply: object) -> None:
+        """A device about to receive a certificate connects on the operational listener a
+        moment later: the broker must know it as active by then (a dynsec role on
+        Mosquitto; the state the ACL reads on the embedded broker)."""
+        identity_id = getattr(reply, "issued_to", None)
+        if identity_id is None:
+            return
+        assert self.broker is not None
+        # sync, not apply: a renewing device is in force already and costs nothing here.
+        await self.broker.sync([Admitted(identity_id)])
+        self.states.set(identity_id, IdentityState.ACTIVE)
+        self.emit("certificate_issued", identity_id)
 
     async def _every(self, seconds: float, job: Callable[[], object]) -> None:
         """Run ``job`` every ``seconds``: coroutines in the loop, plain functions in a thread
@@ -297,17 +522,18 @@ class Gateway:
                 log.exception("periodic job %s failed", getattr(job, "__name__", job))
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        for task in (*self._tasks, *self._background):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
         if self.transport is not None:
             await self.transport.stop()
         if self.broker is not None:
             await self.broker.stop()
         try:
+            self._flush_refusals()
             self.audit.checkpoint()
         except Exception:
-            log.exception("could not sign the final audit checkpoint")
+            log.exception("could not write the final refusals and audit checkpoint")
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.start()

@@ -13,12 +13,14 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
 import aiomqtt
+
+from gateway.protocol.topics import topic_matches
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,17 @@ class Message(Protocol):
 
 
 Handler = Callable[[str, bytes], Sequence[Message]]
+
+
+@dataclass(frozen=True)
+class Route:
+    """Messages on ``topic_filter`` go to ``handler``. Handlers run one at a time in the
+    transport's worker thread (they do crypto and database work); ``inline`` handlers run on
+    the event loop instead and must be quick (counting, forwarding)."""
+
+    topic_filter: str
+    handler: Handler
+    inline: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,14 +88,17 @@ class MqttTransport:
     def __init__(
         self,
         address: BrokerAddress,
-        subscriptions: Sequence[str],
-        handler: Handler,
+        routes: Sequence[Route],
         *,
+        prepare: Callable[[Message], Awaitable[None]] | None = None,
         max_backoff: float = 5.0,
     ) -> None:
+        """``prepare`` runs on the event loop before each reply is published (the service uses
+        it to let a newly certified device onto the broker before it hears of its certificate).
+        """
         self._address = address
-        self._subscriptions = list(subscriptions)
-        self._handler = handler
+        self._routes = list(routes)
+        self._prepare = prepare
         self._max_backoff = max_backoff
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="enrollment")
         self._client: aiomqtt.Client | None = None
@@ -127,8 +143,8 @@ class MqttTransport:
                     max_queued_outgoing_messages=100_000,
                 ) as client:
                     _nodelay(client)
-                    for topic in self._subscriptions:
-                        await client.subscribe(topic, qos=1)
+                    for route in self._routes:
+                        await client.subscribe(route.topic_filter, qos=1)
                     self._client = client
                     for topic, payload in self._retained.items():
                         await client.publish(topic, payload, qos=1, retain=True)
@@ -146,14 +162,27 @@ class MqttTransport:
                 backoff = min(backoff * 2, self._max_backoff)
 
     async def _dispatch(self, client: aiomqtt.Client, topic: str, payload: bytes) -> None:
+        route = next((r for r in self._routes if topic_matches(r.topic_filter, topic)), None)
+        if route is None:
+            return
         loop = asyncio.get_running_loop()
         try:
-            replies = await loop.run_in_executor(self._worker, self._handler, topic, payload)
+            if route.inline:
+                replies = route.handler(topic, payload)
+            else:
+                replies = await loop.run_in_executor(self._worker, route.handler, topic, payload)
         except Exception:
-            # The core answers every bad input itself; reaching here is a bug. Keep serving.
+            # Handlers answer every bad input themselves; reaching here is a bug. Keep serving.
             self.handler_errors += 1
-            log.exception("enrollment handler failed on %s", topic)
+            log.exception("handler failed on %s", topic)
             return
         self.handled += 1
         for reply in replies:
+            if self._prepare is not None:
+                try:
+                    await self._prepare(reply)
+                except Exception:
+                    # Not published: the device retries and the stored answer is sent again.
+                    log.exception("could not prepare the reply on %s", reply.topic)
+                    continue
             await client.publish(reply.topic, reply.payload, qos=reply.qos, retain=reply.retain)

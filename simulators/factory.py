@@ -58,7 +58,18 @@ def load_or_create_factory(folder: Path, clock: Clock | None = None) -> FactoryC
 
 def trust_factory(settings: Settings, clock: Clock | None = None) -> FactoryCA:
     """The home's simulated factory, its root placed among the trusted manufacturers."""
+    factory, _ = place_factory_root(settings, clock)
+    return factory
+
+
+def place_factory_root(settings: Settings, clock: Clock | None = None) -> tuple[FactoryCA, bool]:
+    """The home's simulated factory and whether its root was newly put into the trust folder
+    (a running gateway then needs a moment to pick it up)."""
     factory = load_or_create_factory(settings.home / "factory", clock)
     settings.manufacturers_dir.mkdir(parents=True, exist_ok=True)
-    (settings.manufacturers_dir / "simulated-acme.pem").write_bytes(pem(factory.root))
-    return factory
+    path = settings.manufacturers_dir / "simulated-acme.pem"
+    root = pem(factory.root)
+    placed = not path.exists() or path.read_bytes() != root
+    if placed:
+        path.write_bytes(root)
+    return factory, placed

@@ -22,7 +22,7 @@ import socket
 import ssl
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from functools import partial
 
@@ -65,8 +65,10 @@ from gateway.broker.tls import (
     classify_handshake_error,
     revoked_serials,
 )
+from gateway.broker_control import IdentityLike
+from gateway.store import IdentityState
 from pki.clock import Clock, SystemClock
-from pki.profile import is_identity_name, parse_spiffe_id
+from pki.profile import IdentityKind, is_identity_name, parse_spiffe_id
 
 __all__ = ["INTERNAL_USERNAME", "LISTENERS", "EmbeddedBroker", "ListenerConfig"]
 
@@ -86,6 +88,11 @@ _CONNACK_FOR_REFUSAL: dict[str, ConnackCode] = {
 }
 _KICK_WAIT_SECONDS = 1.0
 _CONNACK_FLUSH_SECONDS = 1.0
+
+
+def _host(remote: str) -> str:
+    """The host part of a "host:port" peer (IPv6 hosts contain colons)."""
+    return remote.rsplit(":", 1)[0]
 
 
 def _check_port(value: object, name: str) -> None:
@@ -159,7 +166,9 @@ class EmbeddedBroker:
 
     All methods belong to the event loop the broker was started in (call them from it).
     ``on_connect(principal, remote)`` runs when a client is admitted ("host:port" of the peer),
-    ``on_disconnect(principal)`` when an admitted client's connection ends, ``on_refused`` for
+    ``on_disconnect(principal)`` when an admitted client's connection ends, ``on_clone(principal,
+    first_remote, second_remote)`` when a device identity tries a second live session,
+    ``on_refused`` for
     every refused attempt. Callbacks run on the event loop: keep them quick.
 
     ``metrics`` counts ``denied.<action>`` for refused publishes/subscriptions/deliveries and
@@ -177,6 +186,7 @@ class EmbeddedBroker:
         on_connect: Callable[[Principal, str], None] | None = None,
         on_disconnect: Callable[[Principal], None] | None = None,
         on_refused: Callable[[RefusedConnection], None] | None = None,
+        on_clone: Callable[[Principal, str, str], None] | None = None,
         internal_username: str = INTERNAL_USERNAME,
         trust_domain: str | None = None,
         clock: Clock | None = None,
@@ -218,6 +228,7 @@ class EmbeddedBroker:
         self._on_connect = on_connect
         self._on_disconnect = on_disconnect
         self._on_refused = on_refused
+        self._on_clone = on_clone
         self._tls = tls
         self._crl_pem = crl_pem
         self._revoked = revoked_serials(crl_pem) if crl_pem is not None else frozenset[int]()
@@ -331,6 +342,30 @@ class EmbeddedBroker:
             return False
         await self._cut(conn)
         return True
+
+    @property
+    def internal_credentials(self) -> tuple[str, str]:
+        return self._internal_username, self._internal_password.decode("utf-8")
+
+    async def apply(
+        self, identity_id: str, state: IdentityState, *, kind: IdentityKind = IdentityKind.DEVICE
+    ) -> None:
+        """Enforce ``state`` now. The ACL reads identity states on every publish, delivery and
+        CONNECT, so quarantine and release need nothing more here; a revoked identity's live
+        session is cut (its certificate reaches the CRL through ``publish_crl``)."""
+        if state is IdentityState.REVOKED:
+            await self.kick(identity_id)
+
+    async def sync(self, identities: Iterable[IdentityLike]) -> int:
+        """Nothing to push: the ACL asks for states as it goes. Live revoked sessions go."""
+        cut = 0
+        for identity in identities:
+            if identity.state is IdentityState.REVOKED and await self.kick(identity.id):
+                cut += 1
+        return cut
+
+    async def publish_crl(self, crl_pem: bytes) -> None:
+        self.update_crl(crl_pem)
 
     def update_crl(self, crl_pem: bytes) -> None:
         """Check new handshakes against ``crl_pem`` from now on, and cut live sessions whose
@@ -577,9 +612,29 @@ class EmbeddedBroker:
         holder = self._live.get(client_id)
         if holder is not None and holder.principal is not None:
             same = holder.principal.identity == principal.identity
+            if same and principal.kind == "device" and _host(holder.remote) != _host(conn.remote):
+                # One device identity live from two hosts at once: a cloned key or
+                # certificate. The first session keeps its place (it is the one trusted so
+                # far); the second is refused and the gateway quarantines the identity. From
+                # the same host it is the device itself reconnecting over a stale session
+                # (a link drop the broker has not noticed yet): that takes over, as MQTT wants.
+                self._report_clone(principal, holder, conn)
+                raise _Refused(
+                    RefusalReason.CLONE_DETECTED,
+                    ConnackCode.NOT_AUTHORIZED,
+                    f"already connected from {holder.remote}",
+                )
             if not same and _RANK[principal.kind] <= _RANK[holder.principal.kind]:
                 raise _Refused(RefusalReason.CLIENT_ID_IN_USE, ConnackCode.IDENTIFIER_REJECTED)
         return principal
+
+    def _report_clone(self, principal: Principal, holder: _Connection, conn: _Connection) -> None:
+        self.metrics["clones"] += 1
+        if self._on_clone is not None:
+            try:
+                self._on_clone(principal, holder.remote, conn.remote)
+            except Exception:
+                log.exception("on_clone callback failed")
 
     async def _drop_foreign_session(self, client_id: str, principal: Principal) -> None:
         """A persistent session is never inherited by another identity: its subscriptions and

@@ -41,6 +41,7 @@ class RefusalReason(StrEnum):
     BAD_CREDENTIALS = "bad_credentials"
     CLIENT_ID_IN_USE = "client_id_in_use"
     WILL_NOT_ALLOWED = "will_not_allowed"
+    CLONE_DETECTED = "clone_detected"  # the same device identity is already connected
     # policy (the values of gateway.acl.Refusal)
     NOT_ENROLLED = "not_enrolled"
     DEVICE_PENDING = "device_pending"

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from gateway.cli.common import HomeOption, JsonOption, console, fail, print_json, settings_for
-from gateway.operations import OperationError, approve, cli_actor, open_store
+from gateway.operations import OperationError, approve, change_state, cli_actor, open_store
 from gateway.store import IdentityRecord, IdentityState
 
 app = typer.Typer(help="Inspect and manage identities.", no_args_is_help=True)
@@ -157,3 +158,53 @@ def approve_command(device_id: str, home: HomeOption = None) -> None:
     except OperationError as exc:
         fail(str(exc))
     console.print(f"[green]approved[/] {record.id} (state {record.state.value})")
+
+
+def _act(
+    home: Path | None, device_id: str, state: IdentityState, action: str, reason: str
+) -> None:
+    store = open_store(settings_for(home))
+    try:
+        record = change_state(
+            store, device_id, state, action=action, actor=cli_actor(), reason=reason
+        )
+    except OperationError as exc:
+        fail(str(exc))
+    # The running gateway notices the audit event within ~200 ms and enforces it on the broker.
+    console.print(f"[green]{action}[/] {record.id}: now {record.state.value}")
+
+
+@app.command("quarantine")
+def quarantine_command(
+    device_id: str,
+    reason: Annotated[str, typer.Option(help="Why; kept in the audit trail.")],
+    home: HomeOption = None,
+) -> None:
+    """Restrict a device to its quarantine topics; it stays connected and gets no renewal."""
+    _act(home, device_id, IdentityState.QUARANTINED, "quarantine", reason)
+
+
+@app.command("release")
+def release_command(
+    device_id: str,
+    reason: Annotated[str, typer.Option(help="Why; kept in the audit trail.")] = "",
+    home: HomeOption = None,
+) -> None:
+    """Give a quarantined device its rights back."""
+    _act(home, device_id, IdentityState.ACTIVE, "release", reason)
+
+
+@app.command("revoke")
+def revoke_command(
+    device_id: str,
+    reason: Annotated[str, typer.Option(help="Why; kept in the audit trail.")],
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    home: HomeOption = None,
+) -> None:
+    """Revoke for good: certificates on the CRL, session cut, reconnect and renewal refused."""
+    if not yes and not typer.confirm(
+        f"Revoke {device_id}? This is final: the device must be replaced or re-provisioned.",
+        default=False,
+    ):
+        fail("not revoked", code=1)
+    _act(home, device_id, IdentityState.REVOKED, "revoke", reason)

@@ -42,22 +42,29 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 
 def run_command(
     home: HomeOption = None,
+    broker: Annotated[
+        str | None,
+        typer.Option(help="embedded (amqtt, in this process) or mosquitto (default: settings)."),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Run the gateway until SIGINT or SIGTERM."""
     from gateway.service import Gateway
 
     settings = settings_for(home)
+    if broker not in (None, "embedded", "mosquitto"):
+        fail(f"--broker must be embedded or mosquitto, not {broker!r}")
     _logging(verbose)
 
     async def serve() -> None:
         stop = asyncio.Event()
         _stop_on_signals(stop)
-        gateway = Gateway(settings)
+        gateway = Gateway(settings, broker_kind=broker)
         await gateway.start()
         ports = gateway.ports
         console.print(
-            f"[bold green]Fleetgate running[/] (home {settings.home}, trust domain "
+            f"[bold green]Fleetgate running[/] on {gateway.broker_kind} "
+            f"(home {settings.home}, trust domain "
             f"{settings.trust_domain})\n"
             f"  enrollment  mqtts://{settings.broker.host}:{ports.enrollment}\n"
             f"  operational mqtts://{settings.broker.host}:{ports.operational}"

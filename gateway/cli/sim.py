@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from typing import Annotated
 
 import typer
@@ -38,7 +39,8 @@ def sim_command(
     as_json: JsonOption = False,
 ) -> None:
     """Sensors with factory birth certificates enroll, publish telemetry and renew."""
-    from simulators.factory import trust_factory
+    from gateway.service import TRUST_REFRESH_SECONDS
+    from simulators.factory import place_factory_root
     from simulators.fleet import FleetOptions, run_fleet
 
     settings = settings_for(home)
@@ -49,7 +51,12 @@ def sim_command(
         fail("--devices must be at least 1")
     if cert_lifetime is not None and cert_lifetime < 60:
         fail("--cert-lifetime must be at least 60 seconds")
-    factory = trust_factory(settings)
+    factory, placed = place_factory_root(settings)
+    if placed:
+        # A running gateway rereads its trust folder every TRUST_REFRESH_SECONDS.
+        if not as_json:
+            console.print("trusting the simulated manufacturer; waiting for the gateway to see it")
+        time.sleep(TRUST_REFRESH_SECONDS + 0.5)
     ca_pem = (settings.ca_dir / "root.crt").read_bytes()
     options = FleetOptions(
         devices=devices,

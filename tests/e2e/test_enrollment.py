@@ -318,3 +318,55 @@ async def test_a_small_fleet_enrolls_publishes_and_is_counted(start_gateway) -> 
     assert summary.telemetry >= 5
     active = gateway.store.list_identities(state=IdentityState.ACTIVE)
     assert len(active) == 5
+
+
+async def test_an_expired_device_re_attests_with_its_birth_certificate(start_gateway) -> None:
+    from pki.clock import FakeClock
+
+    gateway, factory = await start_gateway(certificates={"lifetime_seconds": 60})
+    clock = FakeClock(SystemClock().now())
+    client = DeviceClient(
+        factory.mint("th-0007", "TH-200"), firmware=FIRMWARE, clock=clock, response_timeout=2.0
+    )
+    first = (await drive(client, gateway))[-1]
+    assert isinstance(first, Enrolled)
+    # The device was off past its certificate's end: at its next deadline it starts over from
+    # hello with its birth certificate, not a renewal.
+    clock.set(first.not_after + timedelta(seconds=1))
+    restart = client.timeout()
+    assert isinstance(restart[0], Send) and restart[0].channel is Channel.ENROLL
+    clock.set(SystemClock().now())
+    again = (await drive(client, gateway, first=restart))[-1]
+    assert isinstance(again, Enrolled) and not again.renewal
+    statuses = sorted(c.status.value for c in gateway.store.certificates_for("th-0007"))
+    assert statuses == ["active", "superseded"]
+    enrollments = [
+        r for r in gateway.store.audit_records()
+        if r.entry.subject == "th-0007" and r.entry.action == "enroll"
+    ]
+    assert len(enrollments) == 2
+
+
+@pytest.mark.slow
+async def test_sensors_on_60_second_certificates_renew_by_themselves(start_gateway) -> None:
+    gateway, factory = await start_gateway()
+    summary = await run_fleet(
+        FleetOptions(
+            devices=4,
+            duration=55,
+            host="127.0.0.1",
+            enrollment_port=gateway.ports.enrollment,
+            operational_port=gateway.ports.operational,
+            ca_pem=gateway.ca_chain_pem(),
+            cert_lifetime=60,
+            telemetry_interval=5,
+            progress=False,
+        ),
+        factory,
+    )
+    # Renewal is due at ~2/3 of 60 s (+- jitter): every sensor renewed once within 55 s,
+    # over its operational session, and none had to start over.
+    assert summary.enrolled == 4 and summary.failed == 0
+    assert summary.renewed >= 4 and summary.reattested == 0
+    renewals = [r for r in gateway.store.audit_records() if r.entry.action == "renew"]
+    assert len(renewals) == summary.renewed

@@ -1,0 +1,188 @@
+"""The `fleetgate` command as an operator uses it (typer's runner, real files, real SQLite)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from typer.testing import CliRunner
+
+from gateway.cli import app
+from gateway.config import load_settings
+from gateway.operations import open_store
+from gateway.store import IdentityState
+
+runner = CliRunner()
+
+
+def fleetgate(*args: str, input: str | None = None) -> tuple[int, str]:
+    result = runner.invoke(app, list(args), input=input)
+    return result.exit_code, result.output
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    folder = tmp_path / "gw"
+    code, output = fleetgate("init", "--home", str(folder), "--trust-domain", "plant-7.example")
+    assert code == 0, output
+    return folder
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_init_makes_a_ca_with_encrypted_keys_and_settings(home: Path) -> None:
+    root = x509.load_pem_x509_certificate((home / "ca" / "root.crt").read_bytes())
+    issuing = x509.load_pem_x509_certificate((home / "ca" / "issuing.crt").read_bytes())
+    assert issuing.issuer == root.subject
+    for key in ("root", "issuing", "audit"):
+        path = home / "ca" / f"{key}.key"
+        assert mode(path) == 0o600
+        assert b"ENCRYPTED PRIVATE KEY" in path.read_bytes()
+    assert mode(home / "secrets" / "passphrase") == 0o600
+    settings = load_settings(home)
+    assert settings.trust_domain == "plant-7.example"
+
+
+def test_init_says_where_the_generated_passphrase_is(tmp_path: Path) -> None:
+    code, output = fleetgate("init", "--home", str(tmp_path / "gw"))
+    assert code == 0
+    assert "passphrase" in output and "generated" in output
+
+
+def test_init_refuses_to_overwrite_a_ca(home: Path) -> None:
+    before = (home / "ca" / "root.crt").read_bytes()
+    code, output = fleetgate("init", "--home", str(home))
+    assert code == 1 and "already has a CA" in output
+    assert (home / "ca" / "root.crt").read_bytes() == before
+    code, _ = fleetgate("init", "--home", str(home), "--force")
+    assert code == 0
+    assert (home / "ca" / "root.crt").read_bytes() != before
+
+
+def test_init_with_a_passphrase_file_and_p384(tmp_path: Path) -> None:
+    secret = tmp_path / "pass"
+    secret.write_text("correct horse battery staple\n")
+    folder = tmp_path / "gw"
+    code, output = fleetgate(
+        "init", "--home", str(folder), "--key-type", "p384", "--passphrase-file", str(secret)
+    )
+    assert code == 0, output
+    assert not (folder / "secrets" / "passphrase").exists()
+    root = x509.load_pem_x509_certificate((folder / "ca" / "root.crt").read_bytes())
+    assert root.public_key().curve.name == "secp384r1"
+
+
+def test_init_refuses_a_bad_trust_domain(tmp_path: Path) -> None:
+    code, output = fleetgate("init", "--home", str(tmp_path / "gw"), "--trust-domain", "Bad Name")
+    assert code == 1 and "trust_domain" in output
+
+
+def test_commands_on_a_missing_home_say_to_run_init(tmp_path: Path) -> None:
+    code, output = fleetgate("device", "list", "--home", str(tmp_path / "nowhere"))
+    assert code == 1 and "fleetgate init" in output
+
+
+def test_token_create_prints_a_token_and_audits_it(home: Path) -> None:
+    code, output = fleetgate("token", "create", "--device-id", "cam-9", "--ttl", "5m",
+                             "--home", str(home), "--json")
+    assert code == 0, output
+    data = json.loads(output)
+    assert data["device_id"] == "cam-9" and data["ttl_seconds"] == 300 and len(data["token"]) >= 22
+    code, output = fleetgate("audit", "tail", "--home", str(home), "--json")
+    assert [e["action"] for e in json.loads(output)] == ["token_create"]
+
+
+def test_token_create_refuses_a_bad_device_id_and_ttl(home: Path) -> None:
+    code, output = fleetgate("token", "create", "--device-id", "a/b", "--home", str(home))
+    assert code == 1 and "not a valid device id" in output
+    code, output = fleetgate("token", "create", "--device-id", "cam-9", "--ttl", "soon",
+                             "--home", str(home))
+    assert code == 2 and "duration" in output
+
+
+def seed_device(home: Path, device_id: str, state: IdentityState) -> None:
+    """A device record as enrollment leaves it (the CLI only reads and changes states)."""
+    from datetime import UTC, datetime
+
+    from gateway.store import AuditEntry, IdentityRecord
+    from pki.profile import IdentityKind
+
+    now = datetime.now(UTC)
+    store = open_store(load_settings(home))
+    store.put_identity(
+        IdentityRecord(id=device_id, kind=IdentityKind.DEVICE, state=state,
+                       created_at=now, updated_at=now, model="TH-200"),
+        audit=[AuditEntry(actor=f"device:{device_id}", action="enroll", subject=device_id,
+                          outcome="pending", at=now)],
+    )
+
+
+def test_approve_quarantine_release_and_revoke_a_device(home: Path) -> None:
+    seed_device(home, "th-1", IdentityState.PENDING)
+    assert fleetgate("device", "approve", "th-1", "--home", str(home))[0] == 0
+    assert fleetgate("device", "quarantine", "th-1", "--reason", "odd traffic",
+                     "--home", str(home))[0] == 0
+    assert fleetgate("device", "release", "th-1", "--home", str(home))[0] == 0
+    # Revoke asks first; anything but yes leaves the device alone.
+    code, output = fleetgate("device", "revoke", "th-1", "--reason", "stolen",
+                             "--home", str(home), input="n\n")
+    assert code == 1 and "not revoked" in output
+    assert fleetgate("device", "revoke", "th-1", "--reason", "stolen", "--yes",
+                     "--home", str(home))[0] == 0
+    code, output = fleetgate("device", "show", "th-1", "--home", str(home), "--json")
+    shown = json.loads(output)
+    assert shown["state"] == "revoked"
+    assert [h["action"] for h in shown["history"]] == [
+        "enroll", "approve", "quarantine", "release", "revoke"
+    ]
+    assert shown["history"][2]["reasons"] == ["odd traffic"]
+    # Revoked is final.
+    code, output = fleetgate("device", "release", "th-1", "--home", str(home))
+    assert code == 1 and "revoked" in output
+
+
+def test_approve_refuses_unknown_and_non_pending_devices(home: Path) -> None:
+    code, output = fleetgate("device", "approve", "ghost", "--home", str(home))
+    assert code == 1 and "no identity" in output
+    seed_device(home, "th-2", IdentityState.ACTIVE)
+    code, output = fleetgate("device", "approve", "th-2", "--home", str(home))
+    assert code == 1 and "not pending" in output
+
+
+def test_device_list_json(home: Path) -> None:
+    seed_device(home, "th-3", IdentityState.ACTIVE)
+    code, output = fleetgate("device", "list", "--home", str(home), "--json")
+    assert code == 0
+    [row] = json.loads(output)
+    assert row["id"] == "th-3" and row["state"] == "active" and row["model"] == "TH-200"
+
+
+def test_audit_verify_passes_then_names_an_edited_record(home: Path) -> None:
+    seed_device(home, "th-4", IdentityState.PENDING)
+    fleetgate("device", "approve", "th-4", "--home", str(home))
+    code, output = fleetgate("audit", "verify", "--home", str(home), "--json")
+    assert code == 0 and json.loads(output)["ok"] is True
+    db = sqlite3.connect(home / "registry.db")
+    tables = [r[0] for r in db.execute("select name from sqlite_master where type='table'")]
+    audit_table = next(t for t in tables if "audit" in t and "checkpoint" not in t)
+    db.execute(f"update {audit_table} set actor = 'operator:mallory' where seq = 2")
+    db.commit()
+    db.close()
+    code, output = fleetgate("audit", "verify", "--home", str(home), "--json")
+    verdict = json.loads(output)
+    assert code == 1 and verdict["ok"] is False and verdict["first_bad_seq"] == 2
+
+
+def test_bench_pki_prints_both_rates_and_their_ratio() -> None:
+    code, output = fleetgate("bench", "pki", "--count", "50", "--json")
+    assert code == 0, output
+    result = json.loads(output)
+    assert result["count"] == 50
+    assert result["pki_per_s"] > 0 and result["bare_per_s"] > 0
+    assert result["ratio"] == pytest.approx(result["pki_per_s"] / result["bare_per_s"], rel=0.01)
