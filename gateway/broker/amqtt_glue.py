@@ -89,9 +89,24 @@ class TopicPlugin(BaseTopicPlugin):  # type: ignore[misc]  # amqtt's classes are
         return gatekeeper.permits(session, Action(action.value), topic)
 
 
+class _SnapshotItems(dict):  # type: ignore[type-arg]  # holds amqtt's own untyped values
+    """amqtt 0.12.1 iterates its subscription table in ``_run_broadcast`` across awaits (the
+    ACL check is a coroutine); a client subscribing or leaving meanwhile changes the dict's
+    size, the broadcast task dies with RuntimeError and the message is lost for every
+    subscriber. Iterating a snapshot keeps the delivery going."""
+
+    def items(self):  # type: ignore[no-untyped-def]
+        return list(super().items())
+
+
 class FilteringBroker(Broker):  # type: ignore[misc]  # amqtt's classes are untyped for mypy here
     """amqtt's Broker with retained delivery held to the client's own subscriptions and to the
-    RECEIVE check (see module docstring)."""
+    RECEIVE check (see module docstring), and a subscription table safe to change while a
+    message is being delivered."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self._subscriptions = _SnapshotItems(self._subscriptions)  # type: ignore[has-type]
 
     def _subscribed(self, session: Session, topic_filter: str) -> bool:
         return any(

@@ -721,3 +721,18 @@ async def test_keep_alive_is_enforced(env: Env) -> None:
     assert 1.2 < time.monotonic() - started < 3.5
     writer.close()
     assert env.broker.metrics["disconnected.keepalive"] == 1
+
+
+def test_the_subscription_table_can_change_while_a_message_is_delivered() -> None:
+    """amqtt walks its subscription table across awaits when it delivers a message; a client
+    subscribing meanwhile used to kill that delivery (RuntimeError: dictionary changed size
+    during iteration). The broker's table hands out a snapshot."""
+    from gateway.broker.amqtt_glue import _SnapshotItems
+
+    table = _SnapshotItems({"a/#": [], "b/#": []})
+    walked = []
+    for topic_filter, _subscribers in table.items():
+        walked.append(topic_filter)
+        table[f"new/{topic_filter}"] = []  # a subscribe arriving mid-delivery
+    assert walked == ["a/#", "b/#"]
+    assert len(table) == 4
