@@ -1,4 +1,5 @@
-"""A real gateway (embedded broker, TLS on loopback, SQLite registry) per test."""
+"""A real gateway (embedded broker by default, or Mosquitto; TLS on loopback, SQLite registry)
+per test."""
 
 from __future__ import annotations
 
@@ -38,15 +39,20 @@ GatewayFactory = Callable[..., Any]
 
 @pytest.fixture
 async def start_gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
-    """`gateway, factory = await start_gateway(**settings_overrides)`; stopped after the test."""
+    """`gateway, factory = await start_gateway(**settings_overrides)`; stopped after the test.
+
+    ``broker_kind="mosquitto"`` runs the gateway on Mosquitto instead of the embedded broker
+    (a keyword of its own: ``broker=`` would be the ``[broker]`` settings table)."""
     started: list[Gateway] = []
 
-    async def start(**overrides: Any) -> tuple[Gateway, FactoryCA]:
+    async def start(
+        broker_kind: str | None = None, **overrides: Any
+    ) -> tuple[Gateway, FactoryCA]:
         settings = write_home(tmp_path / f"home{len(started)}", **overrides)
         factory = trust_factory(settings)
-        gateway = Gateway(settings)
+        gateway = Gateway(settings, broker_kind=broker_kind)
+        started.append(gateway)  # stopped even if start fails halfway (a broker process)
         await gateway.start()
-        started.append(gateway)
         return gateway, factory
 
     yield start

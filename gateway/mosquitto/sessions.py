@@ -1,0 +1,113 @@
+"""Who is connected to Mosquitto, read from its own log notices. Pure: fed one line at a time.
+
+Mosquitto 2.0 has no interface that lists connected clients (``$SYS`` only counts them, and
+dynsec knows accounts, not sessions). Its connection notices do name each one::
+
+    New connection from 127.0.0.1:49519 on port 18831.
+    New client connected from 127.0.0.1:49519 as devA (p2, c1, k60, u'devA').
+    Client devA disconnected.
+
+The first line gives the listener (by port), the second the client id and username, and the
+disconnect notices end the session. With ``log_dest topic`` the broker publishes these on
+``$SYS/broker/log/N``, which the gateway's admin client follows. It is approximate: notices
+sent while the admin connection was down are missed, and the set is empty after a restart of
+the gateway until clients reconnect (a restart of the broker empties it truly).
+
+A client id that connects again while its session is live takes that session over: Mosquitto
+closes the older connection and keeps the new one. It logs "Client X already connected, closing
+old connection." at *error* level (not on the notice topic), then the new connection's
+"New client connected" notice, and no disconnect notice for the old connection (verified on
+2.0.11). So a "connected" notice for a client id that is live already is the takeover;
+``feed`` returns it as a ``Takeover`` (the broker judges whether it is a clone).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+
+__all__ = ["Session", "SessionTracker", "Takeover"]
+
+# "<epoch>: " unless log_timestamp_format was changed
+_TIMESTAMP = re.compile(r"^\d+: ")
+_NEW_CONNECTION = re.compile(r"^New connection from (?P<address>\S+) on port (?P<port>\d+)\.$")
+_CONNECTED = re.compile(
+    r"^New client connected from (?P<address>\S+) as (?P<client>.+)"
+    r" \(p\d+, c\d+, k\d+(?:, u'(?P<username>.*)')?\)\.$"
+)
+_TAKEOVER = re.compile(r"^Client .+ already connected, closing old connection\.$")
+_DISCONNECTED = re.compile(
+    r"^Client (?P<client>.+?) (?:disconnected|closed its connection|been disconnected"
+    r"|has exceeded timeout)"
+)
+_SOCKET_ERROR = re.compile(r"^Socket error on client (?P<client>.+?), disconnecting\.$")
+# Unanswered "New connection" lines (failed handshakes never get a "connected" line) are kept
+# only this long, so a flood of refused handshakes cannot grow the table.
+_MAX_PENDING = 4096
+
+
+@dataclass(frozen=True)
+class Session:
+    client_id: str
+    port: int | None  # the listener's port; None when the connection line was missed
+    username: str | None
+    address: str
+
+
+@dataclass(frozen=True)
+class Takeover:
+    """``current`` connected with the client id of the live session ``previous``; Mosquitto
+    closed ``previous``."""
+
+    previous: Session
+    current: Session
+
+
+class SessionTracker:
+    def __init__(self) -> None:
+        self._pending: OrderedDict[str, int] = OrderedDict()
+        self._sessions: dict[str, Session] = {}
+
+    def feed(self, line: str) -> Takeover | None:
+        """Take one log line (with or without its timestamp); unknown lines are ignored.
+        Returns the takeover a "connected" notice for a live client id means, else None."""
+        if not isinstance(line, str):
+            raise TypeError(f"line must be a str, not {type(line).__name__}")
+        text = _TIMESTAMP.sub("", line.rstrip("\r\n"), count=1)
+        if (match := _NEW_CONNECTION.match(text)) is not None:
+            self._pending[match["address"]] = int(match["port"])
+            self._pending.move_to_end(match["address"])
+            while len(self._pending) > _MAX_PENDING:
+                self._pending.popitem(last=False)
+        elif (match := _CONNECTED.match(text)) is not None:
+            address = match["address"]
+            session = Session(
+                client_id=match["client"],
+                port=self._pending.pop(address, None),
+                username=match["username"],
+                address=address,
+            )
+            previous = self._sessions.get(session.client_id)
+            self._sessions[session.client_id] = session
+            if previous is not None:
+                return Takeover(previous, session)
+        elif _TAKEOVER.match(text) is not None:
+            # logged at error level, so normally not fed; the "connected" notice that follows
+            # is what reports the takeover
+            return None
+        elif (match := _DISCONNECTED.match(text) or _SOCKET_ERROR.match(text)) is not None:
+            # "<unknown>": a connection that never completed its CONNECT
+            self._sessions.pop(match["client"], None)
+        return None
+
+    def clear(self) -> None:
+        """The broker restarted: nobody is connected."""
+        self._pending.clear()
+        self._sessions.clear()
+
+    def sessions(self) -> dict[str, Session]:
+        return dict(self._sessions)
+
+    def __contains__(self, client_id: object) -> bool:
+        return client_id in self._sessions
