@@ -12,7 +12,8 @@ Rules (topic scheme in ``gateway.protocol.topics``):
   ``.../state``, ``.../renew/req``; subscribe/receive ``.../renew/resp``, ``.../cmd`` and below,
   ``fg/v1/pki/ca``, ``fg/v1/pki/crl``. Quarantined: publish only ``.../quarantine`` and below,
   receive only ``.../renew/resp`` (where the refusal of its renewal arrives).
-- operator: subscribe/receive ``fg/v1/admin`` and below, publish ``fg/v1/admin/<own>/req``.
+- operator (active): publish ``fg/v1/admin/<own>/req``; subscribe/receive
+  ``fg/v1/admin/<own>/resp`` and ``fg/v1/admin/events``; nothing else.
 - service ``gateway`` and the internal principal: everything.
 
 A subscription filter with ``+`` or ``#`` is granted only when every topic it can match is
@@ -195,9 +196,13 @@ def grants(kind: str, name: str, state: IdentityState | None) -> Grants:
     if kind == "operator":
         if state is not IdentityState.ACTIVE:
             return _NOTHING
+        # Exact topics, no subtree: an operator's replies can carry device details another
+        # operator's role does not let it ask for.
         return Grants(
             publish_exact=frozenset({f"{topics.PREFIX}/admin/{name}/req"}),
-            receive_subtrees=(_levels(f"{topics.PREFIX}/admin"),),
+            receive_exact=frozenset(
+                {f"{topics.PREFIX}/admin/{name}/resp", f"{topics.PREFIX}/admin/events"}
+            ),
         )
     if kind == "device":
         if state is IdentityState.QUARANTINED:

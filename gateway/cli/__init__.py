@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from gateway.cli import audit, bench, device, token
+from gateway.cli import audit, bench, device, operator, token
 from gateway.cli.common import console
 from gateway.cli.init import init_command
 from gateway.cli.run import demo_command, run_command
@@ -23,6 +23,7 @@ app.command("sim")(sim_command)
 app.add_typer(device.app, name="device")
 app.add_typer(token.app, name="token")
 app.add_typer(audit.app, name="audit")
+app.add_typer(operator.app, name="operator")
 app.add_typer(bench.app, name="bench")
 
 __all__ = ["app", "console", "main"]

@@ -226,14 +226,46 @@ def test_enrollee_of_a_revoked_device_gets_nothing(
 # -- operators, services, internal ------------------------------------------------------------
 
 
-def test_operator_may_use_the_admin_tree_only(acl: TopicAcl) -> None:
+def test_operator_may_use_its_own_admin_topics_and_the_events_only(acl: TopicAcl) -> None:
     assert acl.allows(OPERATOR, PUB, "fg/v1/admin/alice/req")
-    assert acl.allows(OPERATOR, SUB, "fg/v1/admin/#")
-    assert acl.allows(OPERATOR, RECV, "fg/v1/admin/alice/resp")
+    for action in (SUB, RECV):
+        assert acl.allows(OPERATOR, action, "fg/v1/admin/alice/resp")
+        assert acl.allows(OPERATOR, action, "fg/v1/admin/events")
     assert not acl.allows(OPERATOR, PUB, "fg/v1/admin/bob/req")
+    assert not acl.allows(OPERATOR, PUB, "fg/v1/admin/alice/resp")  # replies come from us
+    assert not acl.allows(OPERATOR, PUB, "fg/v1/admin/events")
     assert not acl.allows(OPERATOR, PUB, "fg/v1/dev/dev-a/cmd/reboot")
     assert not acl.allows(OPERATOR, SUB, "fg/v1/#")
     assert not acl.allows(OPERATOR, RECV, "fg/v1/dev/dev-a/telemetry")
+
+
+@pytest.mark.parametrize(
+    ("action", "topic"),
+    [
+        (RECV, "fg/v1/admin/bob/resp"),  # another operator's replies
+        (SUB, "fg/v1/admin/bob/resp"),
+        (SUB, "fg/v1/admin/+/resp"),  # a wildcard reaching other operators' replies
+        (SUB, "fg/v1/admin/#"),
+        (SUB, "fg/v1/admin/alice/#"),  # would cover alice/req, which only goes to the gateway
+        (RECV, "fg/v1/admin/bob/req"),  # another operator's requests
+        (RECV, "fg/v1/admin/alice/req"),
+        (RECV, "fg/v1/admin/alice/resp/x"),
+    ],
+)
+def test_an_operator_cannot_read_another_operators_conversation(
+    acl: TopicAcl, action: Action, topic: str
+) -> None:
+    assert not acl.allows(OPERATOR, action, topic)
+
+
+@pytest.mark.parametrize("state", [QUARANTINED, PENDING, REVOKED])
+def test_an_operator_that_is_not_active_gets_no_topic(
+    acl: TopicAcl, states: dict[str, IdentityState], state: IdentityState
+) -> None:
+    states["alice"] = state
+    assert not acl.allows(OPERATOR, PUB, "fg/v1/admin/alice/req")
+    assert not acl.allows(OPERATOR, SUB, "fg/v1/admin/events")
+    assert not acl.allows(OPERATOR, RECV, "fg/v1/admin/alice/resp")
 
 
 def test_the_gateway_service_may_do_everything_other_services_nothing(acl: TopicAcl) -> None:

@@ -1,0 +1,106 @@
+"""Gateway events to operators: published on the loop whatever thread emitted them, notable
+ones kept for the attention view."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from datetime import UTC, datetime
+
+import pytest
+
+from gateway.admin.events import EventRelay, EventView
+from gateway.service import GatewayEvent
+
+AT = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.payloads: list[bytes] = []
+        self.threads: list[int] = []
+
+    async def __call__(self, payload: bytes) -> None:
+        self.threads.append(threading.get_ident())
+        self.payloads.append(payload)
+
+
+async def _settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_an_event_emitted_on_the_loop_is_published() -> None:
+    recorder = Recorder()
+    relay = EventRelay(recorder)
+    relay(GatewayEvent("connected", "dev-1", AT, {"remote": "10.0.0.1:4000"}))
+    await _settle()
+    [payload] = recorder.payloads
+    assert json.loads(payload) == {
+        "v": 1,
+        "kind": "connected",
+        "subject": "dev-1",
+        "at": AT.isoformat(),
+        "data": {"remote": "10.0.0.1:4000"},
+    }
+    assert relay.metrics["published"] == 1
+
+
+async def test_an_event_emitted_from_another_thread_is_published_on_the_loop() -> None:
+    recorder = Recorder()
+    relay = EventRelay(recorder)
+    relay.bind(asyncio.get_running_loop())
+    worker = threading.Thread(target=relay, args=(GatewayEvent("clone", "dev-2", AT),))
+    worker.start()
+    worker.join()
+    await _settle()
+    assert len(recorder.payloads) == 1
+    assert recorder.threads == [threading.get_ident()]  # the loop's thread, not the worker's
+
+
+def test_an_event_from_a_thread_before_any_loop_is_known_is_dropped_and_counted() -> None:
+    recorder = Recorder()
+    relay = EventRelay(recorder)
+    relay(GatewayEvent("clone", "dev-2", AT))
+    assert relay.metrics["dropped.no_loop"] == 1
+    assert [e.kind for e in relay.recent()] == ["clone"]  # still shown in attention
+
+
+async def test_a_failing_publish_is_counted_and_never_raised() -> None:
+    async def broken(payload: bytes) -> None:
+        raise ConnectionError("broker gone")
+
+    relay = EventRelay(broken)
+    relay(GatewayEvent("connected", "dev-1", AT))
+    await _settle()
+    assert relay.metrics["errors.publish"] == 1
+
+
+def test_notable_events_are_kept_newest_first_and_bounded() -> None:
+    relay = EventRelay(None, keep=2)
+    relay(GatewayEvent("clone", "dev-1", AT))
+    relay(GatewayEvent("connected", "dev-9", AT))
+    relay(GatewayEvent("anomaly", "dev-2", AT))
+    relay(GatewayEvent("clone", "dev-3", AT))
+    kept = [(e.kind, e.subject) for e in relay.recent()]
+    assert kept == [("clone", "dev-3"), ("anomaly", "dev-2")]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"kind": ""}, ValueError),
+        ({"subject": 5}, TypeError),
+        ({"at": datetime(2026, 1, 1)}, ValueError),  # naive
+    ],
+)
+def test_an_event_view_validates_itself(kwargs: dict[str, object], error: type) -> None:
+    fields: dict[str, object] = {"kind": "connected", "subject": "dev-1", "at": AT, **kwargs}
+    with pytest.raises(error):
+        EventView(**fields)  # type: ignore[arg-type]
+
+
+def test_keep_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        EventRelay(None, keep=0)
