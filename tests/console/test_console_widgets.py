@@ -1,0 +1,90 @@
+"""Small widgets: the hand-painted telemetry chart, the theme, the header that stays fast with a
+huge selection, and the attention panel's wording."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from console_support import NOW
+from PySide6.QtCore import QModelIndex, QPersistentModelIndex
+from PySide6.QtGui import QPalette
+from PySide6.QtWidgets import QApplication
+
+from console.attention import describe
+from console.chart import TelemetryChart
+from console.models import FleetTableModel
+from console.synthetic import synthetic_rows
+from console.table_view import FleetTableView
+from console.theme import apply_dark_theme
+
+
+def test_the_chart_keeps_counts_and_paints_them(qtbot) -> None:
+    chart = TelemetryChart()
+    qtbot.addWidget(chart)
+    chart.resize(360, 120)
+    chart.set_counts([0, 4, 9.0, -2])
+    assert chart.counts == (0, 4, 9, 0)
+    image = chart.grab().toImage()
+    # Some pixel in the bar area carries the bar colour.
+    colours = {image.pixelColor(x, y).name() for x in range(40, 356, 4) for y in range(10, 100, 4)}
+    assert "#3d8fd6" in colours
+
+
+@pytest.mark.parametrize("bad", [[True], ["3"], [None]])
+def test_the_chart_refuses_counts_that_are_not_numbers(qtbot, bad: list) -> None:
+    chart = TelemetryChart()
+    qtbot.addWidget(chart)
+    with pytest.raises(TypeError):
+        chart.set_counts(bad)
+
+
+def test_the_dark_theme_is_an_explicit_palette(qapp) -> None:
+    apply_dark_theme(qapp)
+    window = QApplication.palette().color(QPalette.ColorRole.Window)
+    assert window.lightness() < 60
+    assert QApplication.style().name().lower() == "fusion"
+
+
+class CountingModel(FleetTableModel):
+    calls = 0
+
+    def rowCount(self, parent: QModelIndex | QPersistentModelIndex = QModelIndex()) -> int:
+        CountingModel.calls += 1
+        return super().rowCount(parent)
+
+
+def test_the_header_does_not_walk_a_large_selection(qtbot) -> None:
+    """Qt's own header asks the selection model about every column it paints, which walks
+    every selected row: seconds for 100k. Ours must not ask at all."""
+    model = CountingModel()
+    view = FleetTableView()
+    qtbot.addWidget(view)
+    view.setModel(model)
+    model.set_rows(synthetic_rows(20_000, NOW))
+    view.resize(1000, 500)
+    view.show()
+    view.selectAll()
+    QApplication.processEvents()
+    CountingModel.calls = 0
+    view.horizontalHeader().viewport().repaint()
+    assert CountingModel.calls < 500
+
+
+@pytest.mark.parametrize(
+    ("section", "entry", "line", "identity"),
+    [
+        ("pending", "th-1", "th-1", "th-1"),
+        ("expiring", {"id": "th-2", "cert_not_after": "soon"}, "th-2  soon", "th-2"),
+        ("events", {"kind": "clone", "subject": "th-3", "at": "t", "data": {}}, "clone th-3 at t",
+         "th-3"),
+        ("unknown", {"remote": "1.2.3.4:5", "reason": "not_enrolled", "count": 2,
+                     "last_seen": "t"}, "anonymous from 1.2.3.4:5: not_enrolled, 2 times (last t)",
+         None),
+        ("pending", 42, "42", None),
+    ],
+)
+def test_attention_entries_read_as_sentences(
+    section: str, entry: Any, line: str, identity: str | None
+) -> None:
+    assert describe(section, entry) == (line, identity)
