@@ -16,7 +16,7 @@ import logging
 import secrets
 import threading
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
@@ -30,11 +30,19 @@ from cryptography.hazmat.primitives.serialization import (
 
 from gateway import operations
 from gateway.acl import Principal, TopicAcl
+from gateway.admin import attach_admin
 from gateway.audit import AuditWriter
 from gateway.broker import EmbeddedBroker, ListenerConfig, RefusedConnection, TlsMaterial
 from gateway.broker_control import BrokerControl
+from gateway.cluster import (
+    SHARE_GROUP,
+    ClusterError,
+    ClusterMember,
+    ClusterReason,
+)
 from gateway.config import Settings
 from gateway.enrollment import ApprovalRule, EnrollmentPolicy, EnrollmentService
+from gateway.enrollment.ratelimit import RateLimiter, RateLimits
 from gateway.home import AUDIT_KEY, load_keys, load_manufacturer_roots, pem
 from gateway.protocol import topics
 from gateway.registry import SqlStore
@@ -111,13 +119,52 @@ class IdentityStates:
                 state = record.state
         return state
 
-    def refresh(self) -> dict[str, tuple[IdentityKind, IdentityState]]:
-        """Reload from the registry; returns the identities whose state changed."""
+    def refresh(
+        self, *, new_active_devices: bool = True
+    ) -> dict[str, tuple[IdentityKind, IdentityState]]:
+        """Reload from the registry; returns the identities whose state changed.
+        ``new_active_devices=False`` leaves out active devices not seen before: in a cluster
+        the gateway that certified one admitted it already (``Gateway._admit_certified``)."""
         records = self._store.list_identities()
         states = {r.id: r.state for r in records}
         with self._lock:
             old, self._states = self._states, states
-        return {r.id: (r.kind, r.state) for r in records if old.get(r.id) is not r.state}
+        return {
+            r.id: (r.kind, r.state)
+            for r in records
+            if old.get(r.id) is not r.state
+            and (
+                new_active_devices
+                or r.id in old
+                or r.kind is not IdentityKind.DEVICE
+                or r.state is not IdentityState.ACTIVE
+            )
+        }
+
+    def reload(
+        self, identity_ids: Iterable[str], *, new_active_devices: bool = True
+    ) -> dict[str, tuple[IdentityKind, IdentityState]]:
+        """``refresh`` for only these identities (the ones the audit trail says were touched):
+        a few queries per change instead of the whole fleet every poll."""
+        records = [
+            record
+            for record in map(self._store.get_identity, identity_ids)
+            if record is not None
+        ]
+        with self._lock:
+            old = self._states
+            self._states = {**old, **{r.id: r.state for r in records}}
+        return {
+            r.id: (r.kind, r.state)
+            for r in records
+            if old.get(r.id) is not r.state
+            and (
+                new_active_devices
+                or r.id in old
+                or r.kind is not IdentityKind.DEVICE
+                or r.state is not IdentityState.ACTIVE
+            )
+        }
 
     def set(self, identity_id: str, state: IdentityState) -> None:
         with self._lock:
@@ -167,7 +214,10 @@ class Gateway:
         clock: Clock | None = None,
         store: Store | None = None,
         broker_kind: str | None = None,
+        cluster: ClusterMember | None = None,
     ) -> None:
+        """``cluster``: this gateway is one of several sharing one registry (PostgreSQL) and
+        one Mosquitto (see ``gateway.cluster``)."""
         self.settings = settings
         self.clock = clock or SystemClock()
         self.store: Store = store if store is not None else SqlStore(settings.database)
@@ -183,11 +233,26 @@ class Gateway:
         )
         self._trusted_roots = load_manufacturer_roots(settings)
         self.policy = policy_from_settings(settings, self._trusted_roots)
-        self.enrollment = EnrollmentService(self.store, self.issuer, self.policy, self.clock)
+        # One device may not flood the core; the total stays above what two cores can serve
+        # (~2,000 requests/s measured), so it bounds queues without capping a real fleet.
+        limits = RateLimits(total_rate=3000.0, total_burst=6000)
+        self.enrollment = EnrollmentService(
+            self.store,
+            self.issuer,
+            self.policy,
+            self.clock,
+            rate_limiter=RateLimiter(limits, self.clock),
+        )
         self.states = IdentityStates(self.store)
         self.acl = TopicAcl(self.states)
         self._internal_password = secrets.token_urlsafe(24)
         self.broker_kind = broker_kind or settings.broker.kind
+        if cluster is not None and self.broker_kind != "mosquitto":
+            raise ClusterError(
+                ClusterReason.NEEDS_MOSQUITTO,
+                "several gateways share one Mosquitto (--broker mosquitto)",
+            )
+        self.cluster = cluster
         self.broker: BrokerControl | None = None
         self.transport: MqttTransport | None = None
         self.metrics: Counter[str] = Counter()
@@ -201,11 +266,13 @@ class Gateway:
         # here before start().
         self.routes: list[Route] = []
         self.listeners: list[EventListener] = []
+        attach_admin(self)
 
     # -- certificates the broker needs -------------------------------------------------------
 
-    def _broker_tls(self) -> TlsMaterial:
-        """A fresh server certificate for the broker; its key lives in memory only."""
+    def broker_tls(self) -> TlsMaterial:
+        """A fresh server certificate for the broker; its key lives in memory only (a shared
+        broker's is written to its folder)."""
         key = LocalSigner.generate(self.issuing.signer.key_type)
         host = self.settings.broker.host
         ips = (host,) if host.replace(".", "").isdigit() else ()
@@ -228,6 +295,8 @@ class Gateway:
             server_key_pem=key_pem,
             client_ca_pem=pem(self.issuing.certificate) + pem(self.root_certificate),
         )
+
+    _broker_tls = broker_tls
 
     def crl_pem(self) -> bytes:
         entries = [
@@ -258,6 +327,11 @@ class Gateway:
                 listener(event)
             except Exception:
                 log.exception("event listener failed on %s", kind)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the gateway runs on (None before start)."""
+        return self._loop
 
     def call(self, coro: Coroutine[object, object, T], timeout: float = 30.0) -> T:
         """Run ``coro`` on the gateway's event loop from another thread (a handler in the
@@ -327,6 +401,8 @@ class Gateway:
             operational_port=self.settings.broker.operational_port,
             internal_port=0,
         )
+        if self.cluster is not None:
+            return self.cluster.broker(clock=self.clock, on_clone=self._clone_seen)
         if self.broker_kind == "mosquitto":
             from gateway.mosquitto import MosquittoBroker
 
@@ -338,6 +414,8 @@ class Gateway:
                 identities=self.store.list_identities,
                 clock=self.clock,
                 on_clone=self._clone_seen,
+                on_connect=self._connected,
+                on_disconnect=self._disconnected,
             )
         return EmbeddedBroker(
             listeners,
@@ -361,25 +439,39 @@ class Gateway:
         self.broker = self._make_broker(crl)
         await self.broker.start()
         username, password = self.broker.internal_credentials
+        cluster = self.cluster
         self.transport = MqttTransport(
-            BrokerAddress("127.0.0.1", self.broker.ports["internal"], username, password),
+            BrokerAddress(
+                cluster.shared.internal_host if cluster else "127.0.0.1",
+                self.broker.ports["internal"],
+                username,
+                password,
+                # several gateways: one session each, requests spread over them by the broker
+                client_id=cluster.client_id if cluster else "fleetgate-gateway",
+                mqtt5=self.broker_kind == "mosquitto",
+                share_group=SHARE_GROUP if cluster else None,
+            ),
             [
-                Route(topics.ENROLL_REQUEST_FILTER, self.enrollment.handle),
-                Route(topics.RENEW_REQUEST_FILTER, self.enrollment.handle),
+                Route(topics.ENROLL_REQUEST_FILTER, self.enrollment.handle, shared=True),
+                Route(topics.RENEW_REQUEST_FILTER, self.enrollment.handle, shared=True),
+                *(cluster.routes() if cluster else ()),
                 *self.routes,
             ],
             prepare=self._admit_certified,
         )
         await self.transport.start()
         await self.transport.publish(Outgoing(topics.CA_TOPIC, self.ca_chain_pem(), retain=True))
-        await self.transport.publish(Outgoing(topics.CRL_TOPIC, crl, retain=True))
+        if cluster is None:  # in a cluster the leader publishes the CRL
+            await self.transport.publish(Outgoing(topics.CRL_TOPIC, crl, retain=True))
         self._tasks = [
             asyncio.create_task(self._every(CHANGE_POLL_SECONDS, self._sync_states)),
             asyncio.create_task(self._every(CHECKPOINT_SECONDS, self.audit.maybe_checkpoint)),
-            asyncio.create_task(self._every(CRL_REFRESH_SECONDS, self._refresh_crl)),
+            asyncio.create_task(self._every(CRL_REFRESH_SECONDS, self._refresh_crl_if_leading)),
             asyncio.create_task(self._every(TRUST_REFRESH_SECONDS, self._reload_trust)),
             asyncio.create_task(self._every(REFUSAL_FLUSH_SECONDS, self._flush_refusals)),
         ]
+        if cluster is not None:
+            await cluster.start(on_elected=self._take_lead, on_deposed=self._step_down)
 
     def _audit_head_seq(self) -> int:
         head = self.store.audit_head()
@@ -390,14 +482,78 @@ class Gateway:
 
         Every state change appends an audit event in the same transaction, so the audit head
         is a one-row "did anything change" signal, cheap to poll every 200 ms; only when it
-        moved are the states reloaded and the differences enforced."""
+        moved are the identities the new events name reloaded and the differences enforced
+        (reloading the whole fleet at every poll cost the leader of a cluster enrolling a
+        thousand devices more CPU than the enrollments themselves).
+
+        In a cluster only the leader does this, once for all gateways, and then announces how
+        far it got (a gateway waiting in ``set_state`` goes on)."""
+        if not self._leads:
+            return
         loop = asyncio.get_running_loop()
         seq = await loop.run_in_executor(None, self._audit_head_seq)
         if seq == self._audit_seq:
             return
-        self._audit_seq = seq
-        changed = await loop.run_in_executor(None, self.states.refresh)
+        events = await loop.run_in_executor(
+            None, partial(self.store.audit_records, after_seq=self._audit_seq)
+        )
+        if not events:
+            return
+        # Appends commit in sequence order (one writer at a time), so nothing can still
+        # appear below the last event read.
+        self._audit_seq = events[-1].seq
+        changed = await loop.run_in_executor(
+            None,
+            partial(
+                self.states.reload,
+                {event.entry.subject for event in events},
+                new_active_devices=self.cluster is None,
+            ),
+        )
         await self._enforce(changed)
+        if self.cluster is not None and self.transport is not None:
+            await self.cluster.announce(self.transport, self._audit_seq)
+
+    @property
+    def _leads(self) -> bool:
+        """Whether this gateway does the broker control: always alone, the leader in a
+        cluster."""
+        return self.cluster is None or self.cluster.is_leader
+
+    async def _take_lead(self) -> None:
+        """Elected: first enforce what the last leader may have left undone (it may have died
+        between a change and its enforcement), then lead."""
+        assert self.cluster is not None and self.broker is not None and self.transport
+        loop = asyncio.get_running_loop()
+        seq = await loop.run_in_executor(None, self._audit_head_seq)
+        await loop.run_in_executor(None, self.states.refresh)
+        unsure = await loop.run_in_executor(None, self._unsure_since, self.cluster.watch.seq)
+        await self.broker.sync(unsure)
+        await self._refresh_crl()
+        self._audit_seq = seq
+        await self.cluster.announce(self.transport, seq)
+        log.info("leading the cluster as %s (audit head %d)", self.cluster.node, seq)
+
+    def _unsure_since(self, enforced: int) -> list[IdentityRecord]:
+        """The identities whose broker state the last leader may not have enforced: those
+        named by audit events after ``enforced``, the last sequence number it announced. With
+        no announcement heard (a new cluster, a restarted broker), every identity. Each
+        dynsec change makes Mosquitto rewrite its whole file and stalls its message routing
+        meanwhile: re-sending a large fleet at every takeover would hold every gateway up for
+        seconds."""
+        if enforced <= 0:
+            return self.store.list_identities()
+        subjects = {r.entry.subject for r in self.store.audit_records(after_seq=enforced)}
+        found = (self.store.get_identity(subject) for subject in sorted(subjects))
+        return [record for record in found if record is not None]
+
+    async def _step_down(self) -> None:
+        assert self.cluster is not None
+        await self.cluster.step_down(self.transport)
+
+    async def _refresh_crl_if_leading(self) -> None:
+        if self._leads:
+            await self._refresh_crl()
 
     async def _enforce(self, changed: dict[str, tuple[IdentityKind, IdentityState]]) -> None:
         assert self.broker is not None
@@ -436,6 +592,13 @@ class Gateway:
             ),
         )
         self.states.set(identity_id, record.state)
+        if not self._leads:
+            # A cluster's leader enforces every change, once: wait until it has this one.
+            # Raises ClusterError(NOT_ENFORCED) when no leader confirms in time.
+            assert self.cluster is not None
+            seq = await loop.run_in_executor(None, self._audit_head_seq)
+            await self.cluster.wait_enforced(seq)
+            return record
         await self._enforce({identity_id: (record.kind, record.state)})
         return record
 
@@ -522,6 +685,8 @@ class Gateway:
                 log.exception("periodic job %s failed", getattr(job, "__name__", job))
 
     async def stop(self) -> None:
+        if self.cluster is not None:
+            await self.cluster.stop()  # hand the lead over at once
         for task in (*self._tasks, *self._background):
             task.cancel()
         await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)

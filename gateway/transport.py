@@ -1,10 +1,20 @@
 """The one module that connects the sans-I/O enrollment core to MQTT.
 
 The gateway is an ordinary MQTT client of its broker (on the internal listener). Requests are
-handled one at a time in a worker thread: the core is synchronous (crypto and a durable
-database commit, ~1-2 ms each) and must not stall the event loop the embedded broker shares.
-Replies are published only after the handler returns, and the handler returns only after the
-certificate's row is committed — so a published certificate always has its row.
+handled in a worker thread: the core is synchronous (crypto and durable database commits) and
+must not stall the event loop the embedded broker shares. Replies are published only after the
+handler returns, and the handler returns only after the certificate's row is committed — so a
+published certificate always has its row.
+
+Three things keep a fleet's worth of requests moving (measured in docs/benchmarks.md):
+
+- Pipelining: the worker takes the next request as soon as it has answered one; the answer is
+  prepared and published (a broker round trip) while the next request is being handled.
+- Fair turns: waiting requests are queued per device and served one device at a time, round
+  robin, so a client sending a storm of requests waits behind itself, not in front of everyone.
+- A bounded queue per device: a device has one request in flight (a retry repeats it); beyond
+  ``max_queued_per_device`` waiting requests the rest are dropped unanswered and counted, the
+  way a broker drops what it cannot deliver. The protocol makes a retry safe.
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,9 +31,12 @@ from typing import Protocol
 
 import aiomqtt
 
-from gateway.protocol.topics import topic_matches
+from gateway.faults import fault_point
+from gateway.protocol.topics import device_of, topic_matches
 
 log = logging.getLogger(__name__)
+
+MAX_QUEUED_PER_DEVICE = 16
 
 
 @dataclass(frozen=True)
@@ -51,22 +65,93 @@ Handler = Callable[[str, bytes], Sequence[Message]]
 
 @dataclass(frozen=True)
 class Route:
-    """Messages on ``topic_filter`` go to ``handler``. Handlers run one at a time in the
-    transport's worker thread (they do crypto and database work); ``inline`` handlers run on
-    the event loop instead and must be quick (counting, forwarding)."""
+    """Messages on ``topic_filter`` go to ``handler``. Handlers run in the transport's worker
+    thread (they do crypto and database work); ``inline`` handlers run on the event loop
+    instead and must be quick (counting, forwarding). A ``shared`` route is subscribed as
+    ``$share/<group>/<filter>`` when the address names a share group: the broker then hands
+    each message to one gateway of the group instead of to every gateway."""
 
     topic_filter: str
     handler: Handler
     inline: bool = False
+    shared: bool = False
 
 
 @dataclass(frozen=True)
 class BrokerAddress:
+    """``mqtt5`` speaks MQTT 5 (Mosquitto); the embedded amqtt broker knows 3.1.1 only.
+    ``share_group``: subscribe ``shared`` routes through that MQTT 5 shared-subscription group
+    (several gateways, one fleet); None subscribes them plainly (one gateway)."""
+
     host: str
     port: int
     username: str | None = None
     password: str | None = None
     client_id: str = "fleetgate-gateway"
+    mqtt5: bool = False
+    share_group: str | None = None
+
+    def __post_init__(self) -> None:
+        group = self.share_group
+        if group is not None and (
+            not isinstance(group, str) or not group or any(c in group for c in "/+#\x00")
+        ):
+            raise ValueError(f"share_group must be a non-empty name without / + # NUL: {group!r}")
+
+    def subscription(self, route: Route) -> str:
+        """The filter to subscribe for ``route``."""
+        if route.shared and self.share_group is not None:
+            return f"$share/{self.share_group}/{route.topic_filter}"
+        return route.topic_filter
+
+
+@dataclass(frozen=True)
+class _Request:
+    route: Route
+    topic: str
+    payload: bytes
+
+
+class FairQueue:
+    """Requests queued per key (the device), served one key at a time in turn.
+
+    ``put`` returns False (and keeps nothing) when that key already has ``per_key`` requests
+    waiting. Not thread-safe: used from the event loop only."""
+
+    def __init__(self, per_key: int = MAX_QUEUED_PER_DEVICE) -> None:
+        if isinstance(per_key, bool) or not isinstance(per_key, int) or per_key < 1:
+            raise ValueError("per_key must be a positive int")
+        self._per_key = per_key
+        self._queues: OrderedDict[str, deque[_Request]] = OrderedDict()
+        self._size = 0
+        self._ready = asyncio.Event()
+
+    def __len__(self) -> int:
+        return self._size
+
+    def put(self, key: str, request: _Request) -> bool:
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = deque()
+        elif len(queue) >= self._per_key:
+            return False
+        queue.append(request)
+        self._size += 1
+        self._ready.set()
+        return True
+
+    async def get(self) -> _Request:
+        while not self._queues:
+            self._ready.clear()
+            await self._ready.wait()
+        key, queue = next(iter(self._queues.items()))
+        request = queue.popleft()
+        self._size -= 1
+        if queue:
+            self._queues.move_to_end(key)  # its next request waits for everyone else's turn
+        else:
+            del self._queues[key]
+        return request
 
 
 def _nodelay(client: aiomqtt.Client) -> None:
@@ -79,10 +164,14 @@ def _nodelay(client: aiomqtt.Client) -> None:
 
 
 class MqttTransport:
-    """Subscribe to request topics, hand each message to ``handler``, publish its answers.
+    """Subscribe to request topics, hand each message to its route's handler, publish the
+    answers.
 
     Reconnects with backoff when the broker goes away; messages in flight at that moment are
     answered after the device retries (the protocol makes retries safe).
+
+    ``stats`` counts ``queued``, ``dropped`` (a device over its queue bound), ``published`` and
+    ``publish_errors``; ``handled`` and ``handler_errors`` count handler calls.
     """
 
     def __init__(
@@ -92,6 +181,7 @@ class MqttTransport:
         *,
         prepare: Callable[[Message], Awaitable[None]] | None = None,
         max_backoff: float = 5.0,
+        max_queued_per_device: int = MAX_QUEUED_PER_DEVICE,
     ) -> None:
         """``prepare`` runs on the event loop before each reply is published (the service uses
         it to let a newly certified device onto the broker before it hears of its certificate).
@@ -101,23 +191,36 @@ class MqttTransport:
         self._prepare = prepare
         self._max_backoff = max_backoff
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="enrollment")
+        self._queue = FairQueue(max_queued_per_device)
         self._client: aiomqtt.Client | None = None
         self._task: asyncio.Task[None] | None = None
+        self._serving: asyncio.Task[None] | None = None
+        self._replies: set[asyncio.Task[None]] = set()
         self._ready = asyncio.Event()
         self._retained: dict[str, bytes] = {}
         self.handled = 0
         self.handler_errors = 0
+        self.stats: Counter[str] = Counter()
 
     async def start(self, timeout: float = 10.0) -> None:
         self._task = asyncio.create_task(self._run(), name="mqtt-transport")
+        self._serving = asyncio.create_task(self._serve(), name="mqtt-transport-worker")
         await asyncio.wait_for(self._ready.wait(), timeout)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._serving, *self._replies):
+            if task is not None:
+                task.cancel()
+        for task in (self._task, self._serving, *self._replies):
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self._worker.shutdown(wait=True)
+
+    def forget(self, topic: str) -> None:
+        """Stop re-sending the retained message on ``topic`` after a reconnect (it may be
+        someone else's to publish now)."""
+        self._retained.pop(topic, None)
 
     async def publish(self, message: Message) -> None:
         """Publish now if connected; retained messages are also re-sent after a reconnect."""
@@ -141,10 +244,17 @@ class MqttTransport:
                     password=self._address.password,
                     keepalive=30,
                     max_queued_outgoing_messages=100_000,
+                    # bounded: a flood waits in the broker (and is rate limited), not here
+                    max_queued_incoming_messages=10_000,
+                    protocol=(
+                        aiomqtt.ProtocolVersion.V5
+                        if self._address.mqtt5
+                        else aiomqtt.ProtocolVersion.V311
+                    ),
                 ) as client:
                     _nodelay(client)
                     for route in self._routes:
-                        await client.subscribe(route.topic_filter, qos=1)
+                        await client.subscribe(self._address.subscription(route), qos=1)
                     self._client = client
                     for topic, payload in self._retained.items():
                         await client.publish(topic, payload, qos=1, retain=True)
@@ -153,7 +263,7 @@ class MqttTransport:
                     async for message in client.messages:
                         payload = message.payload
                         if isinstance(payload, bytes | bytearray):
-                            await self._dispatch(client, str(message.topic), bytes(payload))
+                            self._accept(str(message.topic), bytes(payload))
             except aiomqtt.MqttError as exc:
                 self._ready.clear()
                 self._client = None
@@ -161,22 +271,53 @@ class MqttTransport:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self._max_backoff)
 
-    async def _dispatch(self, client: aiomqtt.Client, topic: str, payload: bytes) -> None:
+    def _accept(self, topic: str, payload: bytes) -> None:
         route = next((r for r in self._routes if topic_matches(r.topic_filter, topic)), None)
         if route is None:
             return
+        if route.inline:
+            self._answer_inline(route, topic, payload)
+            return
+        if self._queue.put(device_of(topic) or topic, _Request(route, topic, payload)):
+            self.stats["queued"] += 1
+        else:
+            self.stats["dropped"] += 1
+
+    async def _serve(self) -> None:
+        """Take requests in their fair order, one at a time through the worker thread."""
         loop = asyncio.get_running_loop()
+        while True:
+            request = await self._queue.get()
+            try:
+                replies = await loop.run_in_executor(
+                    self._worker, request.route.handler, request.topic, request.payload
+                )
+            except Exception:
+                # Handlers answer every bad input themselves; reaching here is a bug. Keep serving.
+                self.handler_errors += 1
+                log.exception("handler failed on %s", request.topic)
+                continue
+            self.handled += 1
+            if replies:
+                self._publish_later(replies)  # while the worker goes on with the next one
+
+    def _answer_inline(self, route: Route, topic: str, payload: bytes) -> None:
         try:
-            if route.inline:
-                replies = route.handler(topic, payload)
-            else:
-                replies = await loop.run_in_executor(self._worker, route.handler, topic, payload)
+            replies = route.handler(topic, payload)
         except Exception:
-            # Handlers answer every bad input themselves; reaching here is a bug. Keep serving.
             self.handler_errors += 1
             log.exception("handler failed on %s", topic)
             return
         self.handled += 1
+        if replies:
+            self._publish_later(replies)
+
+    def _publish_later(self, replies: Sequence[Message]) -> None:
+        task = asyncio.create_task(self._publish_replies(replies))
+        self._replies.add(task)
+        task.add_done_callback(self._replies.discard)
+
+    async def _publish_replies(self, replies: Sequence[Message]) -> None:
         for reply in replies:
             if self._prepare is not None:
                 try:
@@ -185,4 +326,17 @@ class MqttTransport:
                     # Not published: the device retries and the stored answer is sent again.
                     log.exception("could not prepare the reply on %s", reply.topic)
                     continue
-            await client.publish(reply.topic, reply.payload, qos=reply.qos, retain=reply.retain)
+            client = self._client
+            if client is None:
+                self.stats["publish_errors"] += 1  # the device retries after the reconnect
+                continue
+            try:
+                await client.publish(
+                    reply.topic, reply.payload, qos=reply.qos, retain=reply.retain
+                )
+            except aiomqtt.MqttError as exc:
+                self.stats["publish_errors"] += 1
+                log.warning("could not publish the reply on %s: %s", reply.topic, exc)
+                continue
+            self.stats["published"] += 1
+            fault_point("after_publish")

@@ -223,7 +223,11 @@ def _chain_reason(
     trusted_roots: Sequence[x509.Certificate],
     now: datetime,
 ) -> Reason | None:
-    top_issuer = chain[-1].issuer
+    try:
+        top_issuer = chain[-1].issuer
+    except ValueError:
+        # Names are parsed lazily: a damaged issuer name surfaces here, not at load time.
+        return Reason.CHAIN_INVALID
     manufacturer = identity.manufacturer if identity is not None else None
     # A root is "ours" for this chain if it names the chain's top issuer, or if it belongs to
     # the manufacturer the birth certificate names: a chain that lost its intermediate still

@@ -89,7 +89,9 @@ def _parse(data: bytes) -> x509.CertificateSigningRequest:
         if data.lstrip().startswith(_PEM_MARKER):
             return x509.load_pem_x509_csr(data)
         return x509.load_der_x509_csr(data)
-    except (ValueError, UnsupportedAlgorithm) as exc:
+    except (ValueError, UnsupportedAlgorithm, x509.InvalidVersion) as exc:
+        # InvalidVersion is not a ValueError: without it a CSR claiming version 2 escaped as
+        # an unexpected exception (found with the cryptography-vectors bad-version CSR).
         raise CsrRejected(Reason.BAD_ENCODING, f"not a PKCS#10 request: {exc}") from None
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import tomllib
 from pathlib import Path
 
 from cryptography import x509
 
-from gateway.config import Settings
+from gateway.config import CONFIG_NAME, Settings
 from gateway.home import pem, write_private
 from gateway.keystore import EncryptedFileKeyStore
 from pki.ca import CertificateAuthority
@@ -73,3 +74,31 @@ def place_factory_root(settings: Settings, clock: Clock | None = None) -> tuple[
     if placed:
         path.write_bytes(root)
     return factory, placed
+
+
+def allow_simulated_firmware(home: Path) -> bool:
+    """Put the simulated firmware on the home's allow-list for the simulated model, so that a
+    device reporting any other image is refused (``firmware_not_allowed``). Returns True when
+    the list was added; a gateway already running reads it at its next start.
+
+    Without an allow-list for a model, the gateway accepts any firmware of it (unless
+    ``require_known_firmware``): the tamper simulation needs this to have anything to refuse.
+    An allow-list the operator already wrote for the model is left as it is."""
+    path = home / CONFIG_NAME
+    text = path.read_text()
+    firmware = tomllib.loads(text).get("policy", {}).get("firmware", {})
+    if MODEL in firmware:
+        return False
+    entry = f'"{MODEL}" = ["{FIRMWARE_DIGEST}"]  # the simulated sensors\' image\n'
+    lines = text.splitlines(keepends=True)
+    header = next(
+        (i for i, line in enumerate(lines) if line.strip().startswith("[policy.firmware]")), None
+    )
+    if header is None:
+        if text and not text.endswith("\n"):
+            lines.append("\n")
+        lines += ["\n[policy.firmware]\n", entry]
+    else:
+        lines.insert(header + 1, entry)
+    path.write_text("".join(lines))
+    return True

@@ -80,9 +80,14 @@ def device_ids(batch: str, count: int) -> list[str]:
 
 
 async def run_fleet(
-    options: FleetOptions, factory: FactoryCA, stop: asyncio.Event | None = None
+    options: FleetOptions,
+    factory: FactoryCA,
+    stop: asyncio.Event | None = None,
+    *,
+    summary: FleetSummary | None = None,
 ) -> FleetSummary:
-    """Mint a birth certificate per device, run them all until ``duration`` or ``stop``."""
+    """Mint a birth certificate per device, run them all until ``duration`` or ``stop``.
+    The outcomes are added to ``summary`` when given (a subclass may count more)."""
     stop = stop or asyncio.Event()
     gate = asyncio.Semaphore(options.concurrency)
     sensors = [
@@ -120,7 +125,7 @@ async def run_fleet(
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-    summary = FleetSummary(devices=options.devices)
+    summary = summary if summary is not None else FleetSummary(devices=options.devices)
     for outcome in outcomes:
         summary.add(outcome)
     summary.seconds = time.monotonic() - started

@@ -2,13 +2,43 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import asyncio
+import json
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
-from gateway.cli.common import JsonOption, console, print_json
+from gateway.cli.common import JsonOption, console, fail, print_json
 
 app = typer.Typer(help="Benchmarks.", no_args_is_help=True)
+
+DevicesOption = Annotated[int, typer.Option(help="Simulated devices.")]
+BrokerOption = Annotated[str, typer.Option(help="embedded (amqtt, in-process) or mosquitto.")]
+WorkersOption = Annotated[
+    int, typer.Option(help="Simulator processes (the devices' CPU is never the gateway's).")
+]
+ConcurrencyOption = Annotated[
+    int,
+    typer.Option(
+        help="Enrollments in flight at once across the fleet (more than the gateway answers "
+        "within a device's 10 s response timeout only brings retries)."
+    ),
+]
+WorkDirOption = Annotated[
+    Path | None,
+    typer.Option(help="Keep the benchmark's home and logs here (default: a temporary folder)."),
+]
+OutputOption = Annotated[
+    Path | None, typer.Option(help="Also write the JSON result to this file.")
+]
+TuningOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--tuning",
+        help="KEY=VALUE: measure a proposed change before it is made (see docs/benchmarks.md).",
+    ),
+]
 
 
 @app.command("pki")
@@ -24,3 +54,204 @@ def pki_command(
         print_json(result)
     else:
         console.print(render_pki_bench(result))
+
+
+def _tuning(pairs: list[str] | None) -> dict[str, Any]:
+    from gateway.bench.server import TUNINGS
+
+    tuning: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in TUNINGS:
+            fail(f"--tuning takes KEY=VALUE with KEY one of {', '.join(TUNINGS)}; got {pair!r}")
+        try:
+            tuning[key] = json.loads(value)
+        except json.JSONDecodeError:
+            tuning[key] = value
+    return tuning
+
+
+def _setup(
+    devices: int,
+    broker: str,
+    workers: int,
+    concurrency: int,
+    work_dir: Path | None,
+    tuning: list[str] | None,
+    **extra: Any,
+) -> Any:
+    from gateway.bench.fleet import FleetSetup
+
+    try:
+        return FleetSetup(
+            devices=devices,
+            broker=broker,
+            workers=workers,
+            concurrency=concurrency,
+            work_dir=work_dir,
+            tuning=_tuning(tuning),
+            **extra,
+        )
+    except (TypeError, ValueError) as exc:
+        fail(str(exc))
+
+
+def _finish(result: dict[str, Any], as_json: bool, output: Path | None) -> None:
+    from gateway.bench.report import render
+
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    if as_json:
+        print_json(result)
+    else:
+        console.print(render(result))
+
+
+def _run(coro: Any) -> dict[str, Any]:
+    from gateway.bench.server import ServerError
+    from simulators.swarm import SwarmError
+
+    try:
+        result: dict[str, Any] = asyncio.run(coro)
+    except (ServerError, SwarmError, TimeoutError) as exc:
+        fail(str(exc) or type(exc).__name__)
+    return result
+
+
+@app.command("enroll")
+def enroll_command(
+    devices: DevicesOption = 1000,
+    broker: BrokerOption = "embedded",
+    workers: WorkersOption = 2,
+    concurrency: ConcurrencyOption = 32,
+    idle_samples: Annotated[
+        int, typer.Option(help="Devices enrolled one at a time on the idle gateway first.")
+    ] = 20,
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 1800.0,
+    work_dir: WorkDirOption = None,
+    output: OutputOption = None,
+    tuning: TuningOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Onboard a fleet: first connect to operational mTLS session, against the floor."""
+    from gateway.bench.enroll import EnrollBenchOptions, run_enroll_bench
+
+    setup = _setup(devices, broker, workers, concurrency, work_dir, tuning)
+    try:
+        options = EnrollBenchOptions(
+            setup, idle_samples=idle_samples, timeout=timeout, progress=not as_json
+        )
+    except ValueError as exc:
+        fail(str(exc))
+    _finish(_run(run_enroll_bench(options)), as_json, output)
+
+
+@app.command("revoke")
+def revoke_command(
+    devices: DevicesOption = 1000,
+    broker: BrokerOption = "embedded",
+    revocations: Annotated[int, typer.Option(help="Devices revoked, one at a time.")] = 100,
+    quarantines: Annotated[int, typer.Option(help="Devices quarantined, one at a time.")] = 100,
+    workers: WorkersOption = 2,
+    concurrency: ConcurrencyOption = 32,
+    timeout: Annotated[float, typer.Option(help="Give up onboarding after this.")] = 1800.0,
+    work_dir: WorkDirOption = None,
+    output: OutputOption = None,
+    tuning: TuningOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Revoke and quarantine connected devices one at a time: time to cut and to refusal."""
+    from gateway.bench.revoke import RevokeBenchOptions, run_revoke_bench
+
+    # A cut device tries again at once, so the refusal of its reconnect is timed, not its
+    # backoff.
+    setup = _setup(
+        devices,
+        broker,
+        workers,
+        concurrency,
+        work_dir,
+        tuning,
+        min_backoff=0.01,
+        probe_reconnects=True,
+    )
+    try:
+        options = RevokeBenchOptions(
+            setup,
+            revocations=min(revocations, devices),
+            quarantines=min(quarantines, max(devices - revocations, 0)),
+            timeout=timeout,
+            progress=not as_json,
+        )
+    except ValueError as exc:
+        fail(str(exc))
+    _finish(_run(run_revoke_bench(options)), as_json, output)
+
+
+@app.command("soak")
+def soak_command(
+    devices: DevicesOption = 2000,
+    cert_lifetime: Annotated[
+        int, typer.Option(help="Seconds of certificate life the devices ask for (>= 60).")
+    ] = 60,
+    minutes: Annotated[float, typer.Option(help="How long the fleet renews.")] = 10.0,
+    broker: BrokerOption = "embedded",
+    renew_fraction: Annotated[
+        float | None, typer.Option(help="The gateway's renew-after fraction (default 2/3).")
+    ] = None,
+    workers: WorkersOption = 2,
+    concurrency: ConcurrencyOption = 32,
+    onboard_timeout: Annotated[
+        float,
+        typer.Option(help="Start the soak's clock after this many seconds of onboarding even "
+                     "if not every device is operational yet."),
+    ] = 600.0,
+    work_dir: WorkDirOption = None,
+    output: OutputOption = None,
+    tuning: TuningOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Devices on short certificates renew continuously: renewals, failures, expiries."""
+    from gateway.bench.soak import SoakBenchOptions, run_soak_bench
+
+    setup = _setup(
+        devices,
+        broker,
+        workers,
+        concurrency,
+        work_dir,
+        tuning,
+        cert_lifetime=cert_lifetime,
+        renew_fraction=renew_fraction,
+        reconnect_after_renewal=True,
+    )
+    try:
+        options = SoakBenchOptions(
+            setup, minutes=minutes, onboard_timeout=onboard_timeout, progress=not as_json
+        )
+    except ValueError as exc:
+        fail(str(exc))
+    _finish(_run(run_soak_bench(options)), as_json, output)
+
+
+@app.command("plot")
+def plot_command(
+    results: Annotated[list[Path], typer.Argument(help="JSON results written by --output.")],
+    output: Annotated[Path, typer.Option(help="The PNG to write.")] = Path(
+        "docs/benchmarks.png"
+    ),
+) -> None:
+    """Draw onboarding rate and latency over time (and soak renewals) into one PNG."""
+    from gateway.bench.plot import PlotUnavailable, plot_runs
+
+    loaded = []
+    for path in results:
+        try:
+            loaded.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            fail(f"{path}: {exc}")
+    try:
+        console.print(f"wrote {plot_runs(loaded, output)}")
+    except (PlotUnavailable, ValueError) as exc:
+        fail(str(exc))

@@ -21,6 +21,7 @@ from gateway.enrollment.issuance import issue_device_certificate
 from gateway.enrollment.policy import EnrollmentPolicy
 from gateway.enrollment.timing import clock_skew, unix
 from gateway.enrollment.tokens import token_hash
+from gateway.faults import fault_point
 from gateway.protocol.messages import (
     Challenge,
     Enroll,
@@ -94,7 +95,7 @@ def _load_chain(ders: tuple[bytes, ...]) -> tuple[x509.Certificate, ...]:
     for index, der in enumerate(ders):
         try:
             certificates.append(x509.load_der_x509_certificate(der))
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError
             code = ReasonCode.BIRTH_CERT_MALFORMED if index == 0 else ReasonCode.CHAIN_INVALID
             raise EnrollmentRejected(code, f"chain[{index}] is not a DER certificate") from exc
     return tuple(certificates)
@@ -208,6 +209,7 @@ class Decider:
             now=now,
             requested_lifetime=requested_lifetime,
         )
+        fault_point("after_signing")
         if requested_lifetime is not None:
             detail = {
                 **detail,
@@ -252,6 +254,7 @@ class Decider:
         nonce = self._random_bytes(NONCE_BYTES)
         expires_at = now + self._policy.nonce_ttl
         self._store.put_nonce(NonceRecord(nonce, device_id, issued_at=now, expires_at=expires_at))
+        fault_point("after_nonce_issued")
         return Decision(
             response=Challenge(id=request.id, nonce=nonce, expires_at=unix(expires_at)),
             outcome="challenge",
@@ -322,6 +325,7 @@ class Decider:
                 from_pki(verdict.reasons[0]),
                 "attestation failed: " + ", ".join(r.value for r in verdict.reasons),
             )
+        fault_point("after_csr_verified")
         existing = self._store.get_identity(device_id)
         _check_registry(existing, birth.fingerprint)
         self._check_firmware(birth.model, request.firmware)
@@ -398,6 +402,7 @@ class Decider:
             if check is not TokenCheck.OK:
                 raise EnrollmentRejected(ReasonCode(check.value), "ask an operator for a new token")
             attempt.consumed = True
+        fault_point("after_csr_verified")
         firmware = request.firmware
         base = existing or IdentityRecord(
             id=device_id,
@@ -467,6 +472,7 @@ class Decider:
                 ReasonCode.REATTESTATION_REQUIRED, "an operator asked this device to re-attest"
             )
         csr = self._check_csr(request.csr)
+        fault_point("after_csr_verified")
         firmware = request.firmware
         if firmware is not None:
             # Optional at renewal: the firmware was judged at enrollment; a report of a new

@@ -27,6 +27,8 @@ from gateway.enrollment.decide import Attempt, Decider, Decision
 from gateway.enrollment.errors import EnrollmentRejected
 from gateway.enrollment.policy import EnrollmentPolicy
 from gateway.enrollment.publish import Publish
+from gateway.enrollment.ratelimit import RateLimiter, RateVerdict
+from gateway.faults import fault_point
 from gateway.protocol.codec import decode_request, encode
 from gateway.protocol.errors import ProtocolError
 from gateway.protocol.messages import (
@@ -81,6 +83,9 @@ class EnrollmentService:
     ``metrics`` counts ``requests.<type>``, ``rejected.<reason>``, ``challenges``, ``issued``,
     ``renewed``, ``pending``, ``replayed``, ``ignored.topic`` and ``errors.internal``.
 
+    With a ``rate_limiter``, a request over its device's or the total budget is answered
+    ``rate_limited`` before anything else is done for it (see ``ratelimit``).
+
     ``handle`` may be called from several threads (each call is independent and the store is
     transactional); the counters are then best-effort.
     """
@@ -95,9 +100,13 @@ class EnrollmentService:
         random_bytes: Callable[[int], bytes] = os.urandom,
         random: random_module.Random | None = None,
         csr_policy: CsrPolicy | None = None,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         if not isinstance(policy, EnrollmentPolicy):
             raise TypeError("policy must be an EnrollmentPolicy")
+        if rate_limiter is not None and not isinstance(rate_limiter, RateLimiter):
+            raise TypeError("rate_limiter must be a RateLimiter or None")
+        self._rate_limiter = rate_limiter
         self._store = store
         self._clock = clock
         self._random_bytes = random_bytes
@@ -130,6 +139,10 @@ class EnrollmentService:
             self.metrics["ignored.topic"] += 1
             return []
         try:
+            if self._rate_limiter is not None:
+                verdict = self._rate_limiter.check(where.device_id)
+                if not verdict.allowed:
+                    return [self._rate_limited(where, payload, verdict)]
             return [self._answer(where, payload)]
         except Exception:  # the last line of defence: a bug must not stop the gateway
             self.metrics["errors.internal"] += 1
@@ -241,6 +254,8 @@ class EnrollmentService:
         self._forget(key)
         self.metrics[decision.metric] += 1
         issued = decision.certificate is not None
+        if issued:
+            fault_point("after_row_written")
         return Publish(where.response, payload, issued_to=where.device_id if issued else None)
 
     def _after_duplicate(
@@ -342,6 +357,39 @@ class EnrollmentService:
             self._forget(key)
         self.metrics[f"rejected.{code.value}"] += 1
         return Publish(where.response, payload)
+
+    def _rate_limited(self, where: RequestTopic, payload: bytes, verdict: RateVerdict) -> Publish:
+        """Refuse without deciding anything. Nothing is stored (a later retry of the same
+        request must be judged), and only the first refusal of a burst is audited: a flood must
+        not turn into a flood of audit records."""
+        try:
+            request_id: str | None = decode_request(payload).id
+        except ProtocolError as exc:
+            request_id = exc.request_id
+        self.metrics[f"rejected.{ReasonCode.RATE_LIMITED.value}"] += 1
+        wait = max(1, round(verdict.retry_after))
+        detail = f"too many requests ({verdict.scope} limit); retry in about {wait} s"
+        if verdict.first:
+            entry = AuditEntry(
+                actor=f"device:{where.device_id}",
+                action="reject",
+                subject=where.device_id,
+                outcome="rejected",
+                at=self._clock.now(),
+                reasons=(ReasonCode.RATE_LIMITED.value,),
+                detail={
+                    "request_id": request_id or "",
+                    "channel": where.channel.value,
+                    "scope": str(verdict.scope),
+                },
+            )
+            try:
+                self._store.append_audit([entry])
+            except StoreError as exc:
+                # The refusal stands; a registry outage must not turn a limit into a crash.
+                log.warning("could not audit the rate limit of %s: %s", where.device_id, exc)
+        error = Error(id=request_id, reason=ReasonCode.RATE_LIMITED, detail=detail)
+        return Publish(where.response, encode(error))
 
     def _unavailable(self, where: RequestTopic, request_id: str | None, why: str) -> Publish:
         # Nothing is stored or audited: the store is what failed. The device retries the same

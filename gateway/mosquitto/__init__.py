@@ -2,9 +2,10 @@
 
 ``MosquittoBroker`` implements ``gateway.broker_control.BrokerControl``: per-identity dynsec
 roles derived from ``gateway.acl``, quarantine in place, revocation by ``deleteClient`` plus a
-CRL file reloaded with SIGHUP. ``config`` and ``dynsec`` are pure builders; ``process`` runs
-and supervises the broker; ``sessions`` reads who is connected from its notices; ``crl``
-keeps the CRL from expiring.
+CRL file reloaded with SIGHUP, and enrollment on a second, bridged instance with per-client-id
+ACL patterns. ``config``, ``enrollment`` and ``dynsec`` are pure builders; ``process`` runs and
+supervises each broker; ``sessions`` reads who is connected from their notices; ``crl`` keeps
+the CRL from expiring.
 """
 
 from gateway.mosquitto.broker import (
@@ -17,6 +18,13 @@ from gateway.mosquitto.broker import (
 )
 from gateway.mosquitto.config import MosquittoConfig, render_config
 from gateway.mosquitto.crl import CrlKeeper, check_crl, needs_refresh
+from gateway.mosquitto.enrollment import (
+    EnrollmentConfig,
+    render_enrollment_acl,
+    render_enrollment_config,
+    render_monitor_acl,
+    render_password_file,
+)
 from gateway.mosquitto.errors import MosquittoError, MosquittoReason
 from gateway.mosquitto.process import (
     MosquittoProcess,
@@ -24,10 +32,13 @@ from gateway.mosquitto.process import (
     find_mosquitto,
     free_port,
 )
-from gateway.mosquitto.sessions import Session, SessionTracker, Takeover
+from gateway.mosquitto.sessions import Connected, Disconnected, Session, SessionTracker
 
 __all__ = [
+    "Connected",
     "CrlKeeper",
+    "Disconnected",
+    "EnrollmentConfig",
     "IdentityLike",
     "ListenerPorts",
     "Listeners",
@@ -40,11 +51,14 @@ __all__ = [
     "ServerTlsMaterial",
     "Session",
     "SessionTracker",
-    "Takeover",
     "check_crl",
     "find_dynsec_plugin",
     "find_mosquitto",
     "free_port",
     "needs_refresh",
     "render_config",
+    "render_enrollment_acl",
+    "render_enrollment_config",
+    "render_monitor_acl",
+    "render_password_file",
 ]

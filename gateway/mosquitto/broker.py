@@ -3,21 +3,39 @@
 Two ways to run it:
 
 - managed (default): the gateway writes the configuration, certificates, CRL and the dynsec
-  file into ``run_dir`` (mode 0700) and runs ``mosquitto`` as a supervised child process on
-  the given ports (0 = pick a free one). Every start rebuilds the dynsec file from the
-  registry (``identities``): the registry is the truth, and one file write is far cheaper than
-  one command per identity.
+  file into ``run_dir`` (mode 0700) and runs two supervised ``mosquitto`` processes on the
+  given ports (0 = pick a free one). The main instance has the operational listener (mutual
+  TLS, dynsec) and the internal one (the gateway's clients, loopback). The enrollment instance
+  (``enrollment``) has the enrollment listener (anonymous, server-authenticated TLS, each client
+  id kept to its own topics) and a bridge carrying enrollment requests and answers to and from
+  the main instance, so the gateway's one message client on the internal listener sees every
+  request. Two brokers, two client-id namespaces: nothing an enrollee does touches a device's
+  operational session. Every start rebuilds the dynsec file from the registry
+  (``identities``): the registry is the truth, and one file write is far cheaper than one
+  command per identity.
 - external (``external=True``): the operator runs Mosquitto and gives the gateway an admin
   account of its dynamic-security plugin. The gateway creates its own objects over
   ``$CONTROL`` and keeps them in step; it does not start, stop or signal the broker. The CRL
   is then the operator's to load: ``publish_crl`` writes ``crl_path`` if given (point the
   operational listener's ``crlfile`` at it), and the operator must reload Mosquitto (SIGHUP,
-  ``systemctl reload mosquitto``) for it to take effect. ``connected()`` and clone detection
-  work only if the operator's configuration has ``log_dest topic`` (see ``sessions``).
+  ``systemctl reload mosquitto``) for it to take effect. ``connected()``, the connection
+  callbacks and clone detection work only if the operator's configuration has
+  ``log_dest topic`` (see ``sessions``). Enrollment there is the operator's single broker with
+  the shared enrollee role (see ``dynsec`` for what that exposes).
 
 The gateway talks to the plugin through one admin MQTT connection on the internal listener
 and waits for the answer to each batch of commands; a refused command raises
-``MosquittoError(COMMAND_FAILED)`` with the plugin's error text.
+``MosquittoError(COMMAND_FAILED)`` with the plugin's error text. The same connection reads the
+main instance's connection notices; a monitor connection reads the enrollment instance's. From
+them come ``connected()`` and the callbacks ``on_connect(principal, "host:port")`` and
+``on_disconnect(principal)`` (approximate: notices sent while a connection was down are missed;
+a broker restart counts as every session ending).
+
+What the bridges cost (loopback, 2 busy cores; an enrollee on TLS sends a QoS 1 request, a
+client with the gateway's credentials answers at QoS 1; median of 380 round trips, 2 ms apart):
+1.1-1.25 ms with both on one broker, 1.3-1.4 ms through the two bridges (p95 2-6 ms either way),
+and 42 ms through a single bridge carrying both directions (see ``enrollment`` for why).
+Back-to-back, ~1300-1400 round trips a second pass the bridges, against ~1650 on one broker.
 
 Clones: one device identity live from two hosts at once means a copied key and certificate.
 The embedded broker refuses the second connection. Mosquitto cannot be asked first: a second
@@ -47,7 +65,7 @@ import secrets
 import socket
 import ssl
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -64,6 +82,13 @@ from gateway.broker_control import IdentityLike
 from gateway.mosquitto import dynsec
 from gateway.mosquitto.config import MosquittoConfig, render_config
 from gateway.mosquitto.crl import check_crl
+from gateway.mosquitto.enrollment import (
+    EnrollmentConfig,
+    render_enrollment_acl,
+    render_enrollment_config,
+    render_monitor_acl,
+    render_password_file,
+)
 from gateway.mosquitto.errors import MosquittoError, MosquittoReason
 from gateway.mosquitto.files import rotate_if_large, write_atomic
 from gateway.mosquitto.process import (
@@ -72,7 +97,7 @@ from gateway.mosquitto.process import (
     find_mosquitto,
     free_port,
 )
-from gateway.mosquitto.sessions import SessionTracker, Takeover
+from gateway.mosquitto.sessions import Connected, Session, SessionTracker
 from gateway.store import IdentityState
 from pki.clock import Clock, SystemClock
 from pki.profile import IdentityKind, is_identity_name
@@ -90,9 +115,12 @@ log = logging.getLogger(__name__)
 
 LOG_NOTICE_TOPIC = "$SYS/broker/log/N"  # connections come and go at notice level
 LOG_INFO_TOPIC = "$SYS/broker/log/I"  # "Reloading config." is logged at info level
+MONITOR_USERNAME = "_fg_monitor"
 _RELOAD_NOTICE = "Reloading config."
 _PORT_RETRIES = 3
 _LOG_LIMIT = 16 * 1024 * 1024
+_LOOPBACK = "127.0.0.1"
+_LOOPBACK_ONLY = frozenset({"internal", "monitor"})  # listeners of the gateway's own clients
 
 
 class ListenerPorts(Protocol):
@@ -190,6 +218,38 @@ _PRINCIPAL_KIND: dict[IdentityKind, PrincipalKind] = {
 }
 
 
+@dataclass
+class _Link:
+    """One of the gateway's own MQTT connections to a broker instance (the admin connection
+    to the main instance, the monitor connection to the enrollment instance), kept up by
+    ``MosquittoBroker._keep_up``. Mutable state, not a value."""
+
+    name: str
+    port: Callable[[], int]
+    username: str
+    password: str
+    client_id: str
+    required: tuple[str, ...]  # subscriptions without which the link is useless
+    optional: tuple[str, ...]  # subscriptions an external broker may refuse
+    on_message: Callable[[str, bytes], None]
+    host: str = _LOOPBACK
+    tls: ssl.SSLContext | None = None
+    on_lost: Callable[[], None] | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    client: aiomqtt.Client | None = None
+    last_error: str = ""
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass(frozen=True)
+class _Instance:
+    """Which broker a notice came from, and what its listener ports mean there."""
+
+    name: str
+    tracker: SessionTracker
+    listeners: dict[int, str]
+
+
 class MosquittoBroker:
     """Mosquitto as ``BrokerControl`` (see the module docstring for managed and external)."""
 
@@ -213,6 +273,8 @@ class MosquittoBroker:
         plugin_path: Path | None = None,
         clock: Clock | None = None,
         on_clone: Callable[[Principal, str, str], None] | None = None,
+        on_connect: Callable[[Principal, str], None] | None = None,
+        on_disconnect: Callable[[Principal], None] | None = None,
         command_timeout: float = 10.0,
         batch_size: int = 200,
     ) -> None:
@@ -243,22 +305,41 @@ class MosquittoBroker:
             raise ValueError("batch_size must be an int of at least 3 (one identity's commands)")
         if command_timeout <= 0:
             raise ValueError("command_timeout must be positive")
-        if on_clone is not None and not callable(on_clone):
-            raise TypeError("on_clone must be callable")
+        for name, callback in (
+            ("on_clone", on_clone),
+            ("on_connect", on_connect),
+            ("on_disconnect", on_disconnect),
+        ):
+            if callback is not None and not callable(callback):
+                raise TypeError(f"{name} must be callable")
         self._admin_username = dynsec.check_reserved_username(admin_username)
         self._internal_username = dynsec.check_reserved_username(internal_username)
-        if self._admin_username == self._internal_username:
+        reserved = {self._admin_username, self._internal_username}
+        if len(reserved) < 2:
             raise ValueError("admin and internal usernames must differ")
+        if reserved & {dynsec.DEFAULT_BRIDGE_USERNAME, MONITOR_USERNAME}:
+            raise ValueError(
+                f"{dynsec.DEFAULT_BRIDGE_USERNAME} and {MONITOR_USERNAME} are the enrollment "
+                "instance's accounts"
+            )
         self._run_dir = run_dir
         self._host = listeners.host
         self._ports = ports
+        self._monitor_port = 0
         self._tls = tls
         self._crl_pem = crl_pem
         self._external = external
         self._admin_password = admin_password or secrets.token_urlsafe(32)
-        self._admin_host = admin_host
-        self._admin_tls = admin_tls
         self._internal_password = internal_password or secrets.token_urlsafe(32)
+        self._bridge_password = secrets.token_urlsafe(32)
+        self._monitor_password = secrets.token_urlsafe(32)
+        # Secret and fresh at every start: an enrollee naming the bridge's local client id or
+        # the monitor's would take that session over (see ``enrollment``).
+        self._bridge_ids = {
+            name: (f"_fg_{name}-{secrets.token_hex(8)}", f"_fg_{name}-{secrets.token_hex(16)}")
+            for name in ("requests", "answers")
+        }
+        self._bridges_up: set[str] = set()  # remote client ids of the bridges now connected
         self._identities = identities
         self._crl_path = crl_path if external else run_dir / "crl.pem"
         self._binary = mosquitto_binary
@@ -267,23 +348,50 @@ class MosquittoBroker:
         self._command_timeout = command_timeout
         self._batch_size = batch_size
         self._on_clone = on_clone
+        self._on_connect = on_connect
+        self._on_disconnect = on_disconnect
 
         self._process: MosquittoProcess | None = None
-        self._admin_task: asyncio.Task[None] | None = None
-        self._client: aiomqtt.Client | None = None
-        self._ready = asyncio.Event()
-        self._last_admin_error: str = ""
+        self._enrollment_process: MosquittoProcess | None = None
         self._pending: dict[str, asyncio.Future[dynsec.Response]] = {}
         self._reload_waiters: list[asyncio.Future[None]] = []
         self._tracker = SessionTracker()
+        self._enrollment_tracker = SessionTracker()
+        self._bridges_ready = asyncio.Event()
         self._enforced: dict[str, dynsec.Enforcement] = {}
-        self._admin_client_id = f"fleetgate-control-{secrets.token_hex(4)}"
+        self._admin = _Link(
+            name="admin",
+            host=admin_host,
+            tls=admin_tls,
+            port=lambda: self._ports["internal"],
+            username=self._admin_username,
+            password=self._admin_password,
+            client_id=f"fleetgate-control-{secrets.token_hex(4)}",
+            required=(dynsec.RESPONSE_TOPIC,),
+            # connection notices feed connected(); absent on an external broker without
+            # `log_dest topic`, which only makes connected() empty
+            optional=(LOG_NOTICE_TOPIC, LOG_INFO_TOPIC),
+            on_message=self._on_admin_message,
+            on_lost=lambda: self._fail_pending("the admin connection was lost"),
+        )
+        self._monitor = _Link(
+            name="monitor",
+            port=lambda: self._monitor_port,
+            username=MONITOR_USERNAME,
+            password=self._monitor_password,
+            client_id=f"_fg_monitor-{secrets.token_hex(16)}",
+            required=(LOG_NOTICE_TOPIC,),
+            optional=(),
+            on_message=self._on_monitor_message,
+        )
         self._started = False
 
     # -- BrokerControl --------------------------------------------------------------------
 
     @property
     def ports(self) -> dict[str, int]:
+        """``enrollment``: the enrollment instance's TLS listener (managed) or the operator's
+        enrollment listener (external); ``operational`` and ``internal`` on the main one."""
         if 0 in self._ports.values():
             raise MosquittoError(MosquittoReason.NOT_RUNNING, "ports are chosen at start()")
         return dict(self._ports)
@@ -300,7 +408,13 @@ class MosquittoBroker:
 
     @property
     def process(self) -> MosquittoProcess | None:
+        """The main instance's process (None for an external broker)."""
         return self._process
+
+    @property
+    def enrollment_process(self) -> MosquittoProcess | None:
+        """The enrollment instance's process (None for an external broker)."""
+        return self._enrollment_process
 
     async def start(self) -> None:
         if self._started:
@@ -308,29 +422,41 @@ class MosquittoBroker:
         self._started = True
         try:
             if self._external:
-                await self._start_admin()
+                await self._start_link(self._admin)
                 await self.execute(
                     dynsec.baseline_commands(self._internal_username, self._internal_password)
                 )
                 if self._identities is not None:
                     await self.sync(self._identities())
             else:
-                await self._start_managed()
-                await self._start_admin()
+                self._write_run_dir()
+                await self._start_main()
+                # the admin link reads the main instance's notices before the bridge can
+                # connect, so the bridge's arrival is not missed
+                await self._start_link(self._admin)
+                await self._start_enrollment()
+                await self._start_link(self._monitor)
+                await self._await_bridges()
         except BaseException:
             await self.stop()
             raise
 
     async def stop(self) -> None:
-        task, self._admin_task = self._admin_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for link in (self._monitor, self._admin):
+            task, link.task = link.task, None
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self._fail_pending("the broker is stopping")
-        if self._process is not None:
-            await self._process.stop()
+        # the enrollment instance first: its bridge would only retry against a stopped broker
+        for process in (self._enrollment_process, self._process):
+            if process is not None:
+                await process.stop()
         self._tracker.clear()
+        self._enrollment_tracker.clear()
+        self._bridges_up.clear()
+        self._bridges_ready.clear()
         self._started = False
 
     async def apply(
@@ -351,12 +477,18 @@ class MosquittoBroker:
         return await self._enforce(targets, force=False)
 
     async def kick(self, client_id: str) -> bool:
-        """Cut ``client_id``'s live session; True if it was connected as far as the broker's
-        notices tell (see ``sessions``). A certificate identity keeps its rights and may
-        reconnect; use ``apply(..., REVOKED)`` to keep it out."""
+        """Cut ``client_id``'s live sessions, on either instance; True if one was connected as
+        far as the brokers' notices tell (see ``sessions``). A certificate identity keeps its
+        rights and may reconnect; use ``apply(..., REVOKED)`` to keep it out."""
         if not isinstance(client_id, str) or not client_id or "\x00" in client_id:
             raise ValueError("client_id must be a non-empty str without NUL")
-        was_connected = client_id in self._tracker
+        on_main = client_id in self._tracker
+        enrolling = client_id in self._enrollment_tracker
+        was_connected = on_main or enrolling
+        if self._enrollment_process is not None and (enrolling or not on_main):
+            # an enrollee (or a session the notices missed): take its client id over on the
+            # enrollment instance
+            await self._take_over(client_id, self._monitor)
         known = self._enforced.get(client_id)
         if known is not None and known.state is not IdentityState.REVOKED:
             try:
@@ -365,7 +497,7 @@ class MosquittoBroker:
             except MosquittoError as exc:
                 if exc.reason is not MosquittoReason.COMMAND_FAILED:
                     raise
-        await self._take_over(client_id)
+        await self._take_over(client_id, self._admin)
         return was_connected
 
     async def publish_crl(self, crl_pem: bytes) -> None:
@@ -390,33 +522,102 @@ class MosquittoBroker:
         await self._reload(process)
 
     def connected(self) -> dict[str, Principal]:
-        """Client id -> who, from the broker's connection notices (approximate: see
-        ``sessions``)."""
-        listener_of = {
-            self._ports["internal"]: LISTENER_INTERNAL,
-            self._ports["operational"]: LISTENER_OPERATIONAL,
-            self._ports["enrollment"]: LISTENER_ENROLLMENT,
-        }
-        own = {self._admin_username, self._internal_username}
+        """Client id -> who, from the brokers' connection notices (approximate: see
+        ``sessions``). A client id live on both instances (an enrollee using a device's id)
+        is listed as the main instance's client."""
         result: dict[str, Principal] = {}
-        for client_id, session in self._tracker.sessions().items():
-            listener = listener_of.get(session.port) if session.port is not None else None
-            if listener is None or not is_identity_name(client_id):
-                continue
-            if session.username in own:
-                result[client_id] = Principal("internal", client_id, listener)
-            elif listener == LISTENER_OPERATIONAL and session.username is not None:
-                known = self._enforced.get(session.username)
-                kind: PrincipalKind = _PRINCIPAL_KIND[known.kind] if known else "device"
-                if is_identity_name(session.username):
-                    result[client_id] = Principal(kind, session.username, listener)
-            elif session.username is None:
-                # anonymous: an enrollee, or someone using the enrollee rights on the internal
-                # listener (allow_anonymous is global); the listener tells which
-                result[client_id] = Principal("enrollee", client_id, listener)
+        for instance in (self._main_instance(), self._enrollment_instance()):
+            for client_id, session in instance.tracker.sessions().items():
+                principal = self._principal(instance, session)
+                if principal is not None:
+                    result.setdefault(client_id, principal)
         return result
 
-    # -- managed process --------------------------------------------------------------------
+    # -- who is who ------------------------------------------------------------------------
+
+    def _main_instance(self) -> _Instance:
+        listeners = {
+            self._ports["internal"]: LISTENER_INTERNAL,
+            self._ports["operational"]: LISTENER_OPERATIONAL,
+        }
+        if self._external:  # the operator's one broker has the enrollment listener too
+            listeners[self._ports["enrollment"]] = LISTENER_ENROLLMENT
+        return _Instance("main", self._tracker, listeners)
+
+    def _enrollment_instance(self) -> _Instance:
+        return _Instance(
+            "enrollment", self._enrollment_tracker, {self._ports["enrollment"]: LISTENER_ENROLLMENT}
+        )
+
+    def _principal(self, instance: _Instance, session: Session) -> Principal | None:
+        """Who a session is; None for our own plumbing (admin, monitor, bridge) and for what
+        cannot be a principal (a client id that is no identity name)."""
+        listener = instance.listeners.get(session.port) if session.port is not None else None
+        client_id = session.client_id
+        if listener is None or not is_identity_name(client_id):
+            return None
+        if session.username == self._admin_username:
+            return None  # the control connection, or one of its kicks (``_take_over``)
+        if session.username == self._internal_username:
+            return Principal("internal", client_id, listener)
+        if listener == LISTENER_OPERATIONAL and session.username is not None:
+            known = self._enforced.get(session.username)
+            kind: PrincipalKind = _PRINCIPAL_KIND[known.kind] if known else "device"
+            if is_identity_name(session.username):
+                return Principal(kind, session.username, listener)
+            return None
+        if listener == LISTENER_ENROLLMENT and session.username is None:
+            return Principal("enrollee", client_id, listener)
+        return None
+
+    def _observe(self, instance: _Instance, line: str) -> None:
+        """One connection notice: keep the session table, tell the gateway, judge takeovers."""
+        change = instance.tracker.feed(line)
+        if change is None:
+            return
+        session = change.session
+        bridge = instance.name == "main" and session.client_id in self._bridge_remotes()
+        if isinstance(change, Connected):
+            if bridge:
+                self._bridges_up.add(session.client_id)
+                if self._bridges_up == self._bridge_remotes():
+                    self._bridges_ready.set()
+            if change.replaced is not None:
+                self._tell(instance, change.replaced, connected=False)
+                if instance.name == "main":
+                    self._judge_takeover(change.replaced, session)
+            self._tell(instance, session, connected=True)
+        else:
+            if bridge:
+                self._bridges_up.discard(session.client_id)
+                self._bridges_ready.clear()
+                log.warning("an enrollment bridge to the main instance is down")
+            self._tell(instance, session, connected=False)
+
+    def _bridge_remotes(self) -> set[str]:
+        return {remote for remote, _ in self._bridge_ids.values()}
+
+    def _tell(self, instance: _Instance, session: Session, *, connected: bool) -> None:
+        principal = self._principal(instance, session)
+        if principal is None:
+            return
+        try:
+            if connected and self._on_connect is not None:
+                self._on_connect(principal, session.address)
+            elif not connected and self._on_disconnect is not None:
+                self._on_disconnect(principal)
+        except Exception:
+            log.exception("%s callback failed", "on_connect" if connected else "on_disconnect")
+
+    def _restarted(self, instance: _Instance) -> None:
+        """A broker process was restarted: every session it had is gone."""
+        for session in instance.tracker.clear():
+            self._tell(instance, session, connected=False)
+        if instance.name == "main":
+            self._bridges_up.clear()
+            self._bridges_ready.clear()
+
+    # -- managed processes ----------------------------------------------------------------
 
     def _write_run_dir(self) -> None:
         run_dir = self._run_dir
@@ -438,53 +639,34 @@ class MosquittoBroker:
             admin_password=self._admin_password,
             internal_username=self._internal_username,
             internal_password=self._internal_password,
+            bridge_username=dynsec.DEFAULT_BRIDGE_USERNAME,
+            bridge_password=self._bridge_password,
             identities=targets,
         )
         write_atomic(run_dir / "dynsec.json", json.dumps(initial, indent=1).encode())
         self._enforced = {t.identity: t for t in targets}
-        for name in ("mosquitto.log", "mosquitto.out"):
+        write_atomic(run_dir / "enrollment.acl", render_enrollment_acl().encode())
+        write_atomic(run_dir / "monitor.acl", render_monitor_acl(MONITOR_USERNAME).encode())
+        write_atomic(
+            run_dir / "monitor.passwd",
+            render_password_file(MONITOR_USERNAME, self._monitor_password, os.urandom).encode(),
+        )
+        for name in ("mosquitto.log", "mosquitto.out", "enrollment.log", "enrollment.out"):
             rotate_if_large(run_dir / name, _LOG_LIMIT)
 
-    async def _start_managed(self) -> None:
-        binary = find_mosquitto(self._binary)
-        plugin = find_dynsec_plugin(self._plugin_path)
-        self._write_run_dir()
-        run_dir = self._run_dir.absolute()
-        assert self._crl_path is not None
-        wanted = dict(self._ports)
+    async def _spawn(
+        self,
+        wanted: dict[str, int],
+        make: Callable[[dict[str, int]], MosquittoProcess],
+    ) -> tuple[MosquittoProcess, dict[str, int]]:
+        """Start the process ``make`` builds for the ports ``wanted`` (0: picked here), picking
+        again when a picked port was taken meanwhile."""
         for attempt in range(_PORT_RETRIES):
             ports = {
-                name: port or free_port("127.0.0.1" if name == "internal" else self._host)
+                name: port or free_port(_LOOPBACK if name in _LOOPBACK_ONLY else self._host)
                 for name, port in wanted.items()
             }
-            config = MosquittoConfig(
-                run_as_user=pwd.getpwuid(os.geteuid()).pw_name,
-                plugin_path=plugin,
-                dynsec_path=run_dir / "dynsec.json",
-                log_path=run_dir / "mosquitto.log",
-                host=self._host,
-                internal_port=ports["internal"],
-                operational_port=ports["operational"],
-                enrollment_port=ports["enrollment"],
-                server_cert_path=run_dir / "server.pem",
-                server_key_path=run_dir / "server.key",
-                client_ca_path=run_dir / "client-ca.pem",
-                crl_path=self._crl_path.absolute(),
-            )
-            config_path = run_dir / "mosquitto.conf"
-            write_atomic(config_path, render_config(config).encode())
-            process = MosquittoProcess(
-                config_path,
-                listeners=[
-                    ("127.0.0.1", ports["internal"]),
-                    (self._host, ports["operational"]),
-                    (self._host, ports["enrollment"]),
-                ],
-                binary=binary,
-                output_path=run_dir / "mosquitto.out",
-                log_path=config.log_path,
-                on_restart=self._tracker.clear,
-            )
+            process = make(ports)
             try:
                 await process.start()
             except MosquittoError as exc:
@@ -493,9 +675,104 @@ class MosquittoBroker:
                     log.info("a picked port was taken meanwhile; picking again")
                     continue
                 raise
-            self._process = process
-            self._ports = ports
-            return
+            return process, ports
+        raise AssertionError("unreachable: the last attempt raises")
+
+    async def _start_main(self) -> None:
+        binary = find_mosquitto(self._binary)
+        plugin = find_dynsec_plugin(self._plugin_path)
+        run_dir = self._run_dir.absolute()
+        assert self._crl_path is not None
+        crl_path = self._crl_path.absolute()
+        instance = self._main_instance
+
+        def make(ports: dict[str, int]) -> MosquittoProcess:
+            config = MosquittoConfig(
+                run_as_user=pwd.getpwuid(os.geteuid()).pw_name,
+                plugin_path=plugin,
+                dynsec_path=run_dir / "dynsec.json",
+                log_path=run_dir / "mosquitto.log",
+                host=self._host,
+                internal_port=ports["internal"],
+                operational_port=ports["operational"],
+                server_cert_path=run_dir / "server.pem",
+                server_key_path=run_dir / "server.key",
+                client_ca_path=run_dir / "client-ca.pem",
+                crl_path=crl_path,
+            )
+            config_path = run_dir / "mosquitto.conf"
+            write_atomic(config_path, render_config(config).encode())
+            return MosquittoProcess(
+                config_path,
+                listeners=[
+                    (_LOOPBACK, ports["internal"]),
+                    (self._host, ports["operational"]),
+                ],
+                binary=binary,
+                output_path=run_dir / "mosquitto.out",
+                log_path=config.log_path,
+                on_restart=lambda: self._restarted(instance()),
+            )
+
+        wanted = {name: self._ports[name] for name in ("internal", "operational")}
+        self._process, ports = await self._spawn(wanted, make)
+        self._ports.update(ports)
+
+    async def _start_enrollment(self) -> None:
+        binary = find_mosquitto(self._binary)
+        run_dir = self._run_dir.absolute()
+        instance = self._enrollment_instance
+
+        def make(ports: dict[str, int]) -> MosquittoProcess:
+            config = EnrollmentConfig(
+                run_as_user=pwd.getpwuid(os.geteuid()).pw_name,
+                log_path=run_dir / "enrollment.log",
+                host=self._host,
+                enrollment_port=ports["enrollment"],
+                monitor_port=ports["monitor"],
+                server_cert_path=run_dir / "server.pem",
+                server_key_path=run_dir / "server.key",
+                acl_path=run_dir / "enrollment.acl",
+                monitor_acl_path=run_dir / "monitor.acl",
+                password_path=run_dir / "monitor.passwd",
+                bridge_port=self._ports["internal"],
+                bridge_username=dynsec.DEFAULT_BRIDGE_USERNAME,
+                bridge_password=self._bridge_password,
+                bridge_request_clientids=self._bridge_ids["requests"],
+                bridge_answer_clientids=self._bridge_ids["answers"],
+            )
+            config_path = run_dir / "enrollment.conf"
+            write_atomic(config_path, render_enrollment_config(config).encode())
+            return MosquittoProcess(
+                config_path,
+                listeners=[(_LOOPBACK, ports["monitor"]), (self._host, ports["enrollment"])],
+                binary=binary,
+                output_path=run_dir / "enrollment.out",
+                log_path=config.log_path,
+                on_restart=lambda: self._restarted(instance()),
+            )
+
+        wanted = {"enrollment": self._ports["enrollment"], "monitor": 0}
+        self._enrollment_process, ports = await self._spawn(wanted, make)
+        self._ports["enrollment"] = ports["enrollment"]
+        self._monitor_port = ports["monitor"]
+
+    async def _await_bridges(self) -> None:
+        """Return once both bridges are connected to the main instance. The answers bridge
+        subscribes as soon as the main instance accepts it, before any request can have
+        crossed, so from here every request that crosses finds its answer's way back."""
+        try:
+            await asyncio.wait_for(self._bridges_ready.wait(), self._command_timeout)
+        except TimeoutError:
+            tail = ""
+            with contextlib.suppress(OSError):
+                lines = (self._run_dir / "enrollment.log").read_text(errors="replace")
+                tail = "\n".join(lines.splitlines()[-10:])
+            raise MosquittoError(
+                MosquittoReason.START_FAILED,
+                f"the enrollment bridges did not connect within {self._command_timeout} s"
+                + (f":\n{tail}" if tail else ""),
+            ) from None
 
     async def _reload(self, process: MosquittoProcess) -> None:
         """SIGHUP, then wait for the broker's own "Reloading config." message. The broker logs
@@ -516,62 +793,62 @@ class MosquittoBroker:
             with contextlib.suppress(ValueError):
                 self._reload_waiters.remove(waiter)
 
-    # -- admin connection -------------------------------------------------------------------
+    # -- the gateway's own connections ------------------------------------------------------
 
-    async def _start_admin(self) -> None:
-        self._admin_task = asyncio.create_task(self._admin_loop(), name="mosquitto-admin")
+    async def _start_link(self, link: _Link) -> None:
+        link.task = asyncio.create_task(self._keep_up(link), name=f"mosquitto-{link.name}")
         try:
-            await asyncio.wait_for(self._ready.wait(), self._command_timeout)
+            await asyncio.wait_for(link.ready.wait(), self._command_timeout)
         except TimeoutError:
             raise MosquittoError(
                 MosquittoReason.ADMIN_UNAVAILABLE,
-                f"admin connection not ready in {self._command_timeout} s: "
-                f"{self._last_admin_error or 'no answer'}",
+                f"{link.name} connection not ready in {self._command_timeout} s: "
+                f"{link.last_error or 'no answer'}",
             ) from None
 
-    async def _admin_loop(self) -> None:
+    async def _keep_up(self, link: _Link) -> None:
         backoff = 0.1
         while True:
             try:
                 async with aiomqtt.Client(
-                    self._admin_host,
-                    self._ports["internal"],
-                    identifier=self._admin_client_id,
-                    username=self._admin_username,
-                    password=self._admin_password,
-                    tls_context=self._admin_tls,
+                    link.host,
+                    link.port(),
+                    identifier=link.client_id,
+                    username=link.username,
+                    password=link.password,
+                    tls_context=link.tls,
                     keepalive=30,
                     clean_session=True,
                     timeout=self._command_timeout,
                 ) as client:
                     _nodelay(client)
-                    if not _granted(await client.subscribe(dynsec.RESPONSE_TOPIC, qos=1)):
-                        raise MosquittoError(
-                            MosquittoReason.ADMIN_UNAVAILABLE,
-                            f"{self._admin_username} may not read {dynsec.RESPONSE_TOPIC}",
-                        )
-                    # connection notices feed connected(); absent on an external broker
-                    # without `log_dest topic`, which only makes connected() empty
-                    await client.subscribe(LOG_NOTICE_TOPIC, qos=0)
-                    await client.subscribe(LOG_INFO_TOPIC, qos=0)
-                    self._client = client
-                    self._ready.set()
+                    for topic in link.required:
+                        if not _granted(await client.subscribe(topic, qos=1)):
+                            raise MosquittoError(
+                                MosquittoReason.ADMIN_UNAVAILABLE,
+                                f"{link.username} may not read {topic}",
+                            )
+                    for topic in link.optional:
+                        await client.subscribe(topic, qos=0)
+                    link.client = client
+                    link.ready.set()
                     backoff = 0.1
                     async for message in client.messages:
                         payload = message.payload
                         if isinstance(payload, bytes | bytearray):
-                            self._on_message(str(message.topic), bytes(payload))
+                            link.on_message(str(message.topic), bytes(payload))
             except (aiomqtt.MqttError, MosquittoError) as exc:
-                self._last_admin_error = str(exc)
-                log.debug("admin connection to mosquitto lost: %s", exc)
+                link.last_error = str(exc)
+                log.debug("%s connection to mosquitto lost: %s", link.name, exc)
             finally:
-                self._client = None
-                self._ready.clear()
-                self._fail_pending("the admin connection was lost")
+                link.client = None
+                link.ready.clear()
+                if link.on_lost is not None:
+                    link.on_lost()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 
-    def _on_message(self, topic: str, payload: bytes) -> None:
+    def _on_admin_message(self, topic: str, payload: bytes) -> None:
         if topic == dynsec.RESPONSE_TOPIC:
             try:
                 response = dynsec.decode_response(payload)
@@ -582,30 +859,23 @@ class MosquittoBroker:
             if future is not None and not future.done():
                 future.set_result(response)
         elif topic == LOG_NOTICE_TOPIC:
-            takeover = self._tracker.feed(payload.decode("utf-8", "replace"))
-            if takeover is not None:
-                self._judge_takeover(takeover)
+            self._observe(self._main_instance(), payload.decode("utf-8", "replace"))
         elif topic == LOG_INFO_TOPIC and payload.rstrip().endswith(_RELOAD_NOTICE.encode()):
             for waiter in self._reload_waiters:
                 if not waiter.done():
                     waiter.set_result(None)
 
-    def _judge_takeover(self, takeover: Takeover) -> None:
-        """A live client id connected again: a clone when it is a device certificate on the
-        operational listener, now from another host (see the module docstring)."""
-        previous, current = takeover.previous, takeover.current
+    def _on_monitor_message(self, topic: str, payload: bytes) -> None:
+        if topic == LOG_NOTICE_TOPIC:
+            self._observe(self._enrollment_instance(), payload.decode("utf-8", "replace"))
+
+    def _judge_takeover(self, previous: Session, current: Session) -> None:
+        """A live client id on the main instance connected again: a clone when it is a device
+        certificate on the operational listener, now from another host (see the module
+        docstring)."""
         if current.username in (self._admin_username, self._internal_username):
             return  # our own kick of a session (``_take_over``)
-        operational = self._ports["operational"]
-        if current.port != operational or current.username is None:
-            if previous.port == operational and previous.username is not None:
-                # Mosquitto shares one client-id namespace across listeners: an anonymous
-                # client on the enrollment listener can close a device's operational session
-                # by naming its id (MQTT takeover; 2.0 offers no per-listener id rule).
-                log.warning(
-                    "session of %s (%s) taken over by %s on port %s",
-                    previous.client_id, previous.address, current.address, current.port,
-                )
+        if current.port != self._ports["operational"] or current.username is None:
             return
         known = self._enforced.get(current.username)
         if (
@@ -633,23 +903,24 @@ class MosquittoBroker:
             if not future.done():
                 future.set_exception(MosquittoError(MosquittoReason.ADMIN_UNAVAILABLE, why))
 
-    async def _admin(self) -> aiomqtt.Client:
-        if self._admin_task is None:
+    async def _admin_client(self) -> aiomqtt.Client:
+        link = self._admin
+        if link.task is None:
             raise MosquittoError(MosquittoReason.NOT_RUNNING, "start() the broker first")
         try:
-            await asyncio.wait_for(self._ready.wait(), self._command_timeout)
+            await asyncio.wait_for(link.ready.wait(), self._command_timeout)
         except TimeoutError:
             raise MosquittoError(
                 MosquittoReason.ADMIN_UNAVAILABLE,
-                f"no admin connection: {self._last_admin_error or 'not connected'}",
+                f"no admin connection: {link.last_error or 'not connected'}",
             ) from None
-        client = self._client
+        client = link.client
         if client is None:
             raise MosquittoError(MosquittoReason.ADMIN_UNAVAILABLE, "admin connection lost")
         return client
 
     async def _send(self, batch: tuple[dynsec.Command, ...]) -> tuple[dynsec.CommandResult, ...]:
-        client = await self._admin()
+        client = await self._admin_client()
         batch_id = secrets.token_hex(8)
         future: asyncio.Future[dynsec.Response] = asyncio.get_running_loop().create_future()
         self._pending[batch_id] = future
@@ -723,18 +994,20 @@ class MosquittoBroker:
         for target in members:
             self._enforced[target.identity] = target
 
-    async def _take_over(self, client_id: str) -> None:
-        """Connect with the same client id: Mosquitto drops the older connection at once. Used
-        for clients without a dynsec account (enrollees). A clean session, so a persistent
-        session of that id is discarded too."""
+    async def _take_over(self, client_id: str, link: _Link) -> None:
+        """Connect with the same client id through ``link``'s account: Mosquitto drops the
+        older connection at once. Used for clients without a dynsec account (enrollees). A
+        clean session, so a persistent session of that id is discarded too."""
+        if link.task is None:
+            raise MosquittoError(MosquittoReason.NOT_RUNNING, "start() the broker first")
         try:
             async with aiomqtt.Client(
-                self._admin_host,
-                self._ports["internal"],
+                link.host,
+                link.port(),
                 identifier=client_id,
-                username=self._admin_username,
-                password=self._admin_password,
-                tls_context=self._admin_tls,
+                username=link.username,
+                password=link.password,
+                tls_context=link.tls,
                 clean_session=True,
                 timeout=self._command_timeout,
             ):

@@ -1,17 +1,21 @@
-"""mosquitto.conf for the gateway's own Mosquitto 2.0 instance, rendered by a pure function.
+"""mosquitto.conf for the gateway's own Mosquitto 2.0 main instance, rendered by a pure
+function. Enrollment runs on a second instance (``enrollment``), bridged to this one.
 
 Decisions, checked against the 2.0.11 manual (mosquitto.conf(5)) and a running 2.0.11:
 
 - ``per_listener_settings false``: the dynamic-security plugin must be global (loading it per
-  listener is unsupported). ``allow_anonymous`` is then global as well; it must be ``true`` for
-  the enrollment listener, where devices have no credentials yet. Anonymous clients get only
-  the dynsec anonymous group's rights (the enrollment topics, see ``dynsec``), on whichever
-  listener they reach: on the internal listener (loopback only) that is nothing more.
+  listener is unsupported).
+- ``allow_anonymous false``: every client here has credentials, a certificate on the operational
+  listener or a password on the internal one. Anonymous enrollees live on the enrollment
+  instance: one broker shares one client-id namespace across its listeners, so an anonymous
+  client naming a live device's id would close that device's operational session (MQTT
+  session takeover), and 2.0 dynsec has no ``%c`` to keep each enrollee to its own topics.
 - ``use_username_as_clientid`` is a listener option, outside the per_listener_settings list,
   so it applies to the operational listener alone, even with per_listener_settings false. With
   ``use_identity_as_username`` the username is the certificate's CN, so the client id becomes
   the identity name whatever the device sends: no device can take over another's session
   (verified on 2.0.11: a certificate for ``devA`` connecting as ``zzz`` appears as ``devA``).
+  A certificate client is never password-checked, so ``allow_anonymous false`` does not touch it.
 - ``user``: when started as root, Mosquitto 2 switches to the ``mosquitto`` user, which cannot
   read the run directory (mode 0700, keys 0600). Naming the user the gateway runs as keeps the
   broker at exactly the gateway's privileges (for a non-root gateway the option is ignored).
@@ -27,7 +31,16 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DEFAULT_MAX_QUEUED_MESSAGES", "MosquittoConfig", "render_config"]
+__all__ = [
+    "DEFAULT_MAX_QUEUED_MESSAGES",
+    "MosquittoConfig",
+    "check_host",
+    "check_path",
+    "check_port",
+    "check_queue_limit",
+    "check_user",
+    "render_config",
+]
 
 # Mosquitto's default of 1000 silently drops messages for a slow subscriber (the gateway
 # during an enrollment burst); changing it needs a restart.
@@ -37,7 +50,7 @@ _HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})")
 _USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")
 
 
-def _check_path(value: object, what: str) -> Path:
+def check_path(value: object, what: str) -> Path:
     if not isinstance(value, Path):
         raise TypeError(f"{what} must be a Path, not {type(value).__name__}")
     text = str(value)
@@ -50,7 +63,7 @@ def _check_path(value: object, what: str) -> Path:
     return value
 
 
-def _check_port(value: object, what: str) -> int:
+def check_port(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{what} must be an int, not {type(value).__name__}")
     if not 0 < value < 65536:
@@ -58,7 +71,7 @@ def _check_port(value: object, what: str) -> int:
     return value
 
 
-def _check_host(value: object) -> str:
+def check_host(value: object) -> str:
     if not isinstance(value, str):
         raise TypeError(f"host must be a str, not {type(value).__name__}")
     try:
@@ -66,6 +79,22 @@ def _check_host(value: object) -> str:
     except ValueError:
         if _HOSTNAME.fullmatch(value) is None:
             raise ValueError(f"host {value!r} is neither an IP address nor a host name") from None
+    return value
+
+
+def check_user(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError("run_as_user must be a str")
+    if _USER.fullmatch(value) is None:
+        raise ValueError(f"run_as_user {value!r} is not a user name")
+    return value
+
+
+def check_queue_limit(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError("max_queued_messages must be an int")
+    if value < 1:
+        raise ValueError("max_queued_messages must be positive")
     return value
 
 
@@ -77,10 +106,9 @@ class MosquittoConfig:
     plugin_path: Path
     dynsec_path: Path
     log_path: Path
-    host: str  # bind address of the enrollment and operational listeners
+    host: str  # bind address of the operational listener
     internal_port: int  # always bound to 127.0.0.1
     operational_port: int
-    enrollment_port: int
     server_cert_path: Path  # server certificate, then the issuing CA
     server_key_path: Path
     client_ca_path: Path  # issuing CA + root: who may present an operational certificate
@@ -88,10 +116,7 @@ class MosquittoConfig:
     max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES
 
     def __post_init__(self) -> None:
-        if not isinstance(self.run_as_user, str):
-            raise TypeError("run_as_user must be a str")
-        if _USER.fullmatch(self.run_as_user) is None:
-            raise ValueError(f"run_as_user {self.run_as_user!r} is not a user name")
+        check_user(self.run_as_user)
         for name in (
             "plugin_path",
             "dynsec_path",
@@ -101,21 +126,12 @@ class MosquittoConfig:
             "client_ca_path",
             "crl_path",
         ):
-            _check_path(getattr(self, name), name)
-        _check_host(self.host)
-        ports = [
-            _check_port(self.internal_port, "internal_port"),
-            _check_port(self.operational_port, "operational_port"),
-            _check_port(self.enrollment_port, "enrollment_port"),
-        ]
-        if len(set(ports)) != len(ports):
-            raise ValueError(f"listener ports must differ, got {ports}")
-        if isinstance(self.max_queued_messages, bool) or not isinstance(
-            self.max_queued_messages, int
-        ):
-            raise TypeError("max_queued_messages must be an int")
-        if self.max_queued_messages < 1:
-            raise ValueError("max_queued_messages must be positive")
+            check_path(getattr(self, name), name)
+        check_host(self.host)
+        internal = check_port(self.internal_port, "internal_port")
+        if check_port(self.operational_port, "operational_port") == internal:
+            raise ValueError(f"listener ports must differ, got {internal} twice")
+        check_queue_limit(self.max_queued_messages)
 
 
 def render_config(config: MosquittoConfig) -> str:
@@ -126,7 +142,7 @@ def render_config(config: MosquittoConfig) -> str:
         "# Written by Fleetgate at every start; edits are lost.",
         f"user {config.run_as_user}",
         "per_listener_settings false",
-        "allow_anonymous true",
+        "allow_anonymous false",
         f"max_queued_messages {config.max_queued_messages}",
         # request -> reply over MQTT waits 40-90 ms on delayed ACKs without it (measured)
         "set_tcp_nodelay true",
@@ -142,7 +158,7 @@ def render_config(config: MosquittoConfig) -> str:
         f"plugin {config.plugin_path}",
         f"plugin_opt_config_file {config.dynsec_path}",
         "",
-        "# internal: the gateway's own clients, username and password, loopback only",
+        "# internal: the gateway's own clients and the enrollment bridge, password, loopback only",
         f"listener {config.internal_port} 127.0.0.1",
         "",
         "# operational: mutual TLS with a certificate from the issuing CA; CN = identity",
@@ -154,11 +170,6 @@ def render_config(config: MosquittoConfig) -> str:
         "use_identity_as_username true",
         "use_username_as_clientid true",
         f"crlfile {config.crl_path}",
-        "",
-        "# enrollment: server-authenticated TLS, no client certificate, anonymous",
-        f"listener {config.enrollment_port} {config.host}",
-        f"certfile {config.server_cert_path}",
-        f"keyfile {config.server_key_path}",
         "",
     ]
     return "\n".join(lines)

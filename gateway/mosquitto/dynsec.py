@@ -27,17 +27,22 @@ Mosquitto 2.0.11:
 - Kicking a live session without changing rights: add then remove an empty role
   (``_fg_kick``) on the client, one message.
 
-Enrollment listener: devices have no credentials yet, so they are anonymous and share the
-anonymous group ``_fg_enrollees``. Without ``%c`` the role cannot be per device, so it allows
-publishing to ``fg/v1/enroll/+/req`` and subscribing to / receiving ``fg/v1/enroll/+/resp``,
-with a higher-priority deny on the literal filter ``fg/v1/enroll/+/resp``: an enrollee can
-subscribe to one named device's responses at a time but cannot sweep the fleet's. What that
-exposes: a client that knows (or guesses) a device id can read that device's challenges and
-certificates, which leaks nothing secret (a nonce is bound to the device that asked and only
-its birth key can use it; certificates are public), and can send requests in its name, which
-the gateway rejects because attestation binds each request to the birth certificate's device
-id. A revoked device can still reach the enrollment service, which refuses it. The embedded
-broker enforces the per-device form; this is the closest Mosquitto 2.0 allows.
+Enrollment: a broker we start serves enrollment from a second instance (``enrollment``), whose
+two bridges (one per direction) log in here as one password client with ``bridge_acls``: it may
+publish ``fg/v1/enroll/+/req`` and subscribe to / receive ``fg/v1/enroll/+/resp`` (that literal
+filter only), nothing else. The main instance refuses anonymous clients, so its initial file
+has no anonymous group.
+
+A broker the operator runs (``baseline_commands``) keeps the older single-broker form: anonymous
+clients share the group ``_fg_enrollees``, whose role allows publishing to
+``fg/v1/enroll/+/req`` and subscribing to / receiving ``fg/v1/enroll/+/resp``, with a
+higher-priority deny on the literal filter ``fg/v1/enroll/+/resp`` (no sweeping the fleet's
+responses). Without ``%c`` the role cannot be per device: a client that knows a device id can
+read that device's challenges and certificates (no secret: a nonce is bound to the device that
+asked and only its birth key can use it; certificates are public) and send requests in its name
+(the gateway rejects them: attestation binds each request to the birth certificate's device
+id), and, sharing one client-id namespace with the operational listener, close that device's
+operational session by connecting under its id. Run a separate enrollment broker there too.
 
 Batching: each accepted change makes the plugin rewrite its whole JSON file (~72 ms at 1000
 devices measured here), so commands go in batches, one message each; every command carries
@@ -68,9 +73,11 @@ from pki.profile import IDENTITY_NAME_PATTERN, IdentityKind, check_identity_name
 
 __all__ = [
     "ADMIN_ROLE",
+    "BRIDGE_ROLE",
     "CONTROL_TOPIC",
     "DEFAULT_ACL_ACCESS",
     "DEFAULT_ADMIN_USERNAME",
+    "DEFAULT_BRIDGE_USERNAME",
     "DEFAULT_INTERNAL_USERNAME",
     "ENROLLEE_GROUP",
     "ENROLLEE_ROLE",
@@ -88,6 +95,7 @@ __all__ = [
     "admin_acls",
     "baseline_commands",
     "batches",
+    "bridge_acls",
     "check_reserved_username",
     "check_results",
     "create_client",
@@ -120,11 +128,13 @@ RESPONSE_TOPIC = f"{CONTROL_TOPIC}/response"
 # certificate's CN is all Mosquitto needs to act as that username.
 ADMIN_ROLE = "_fg_admin"
 INTERNAL_ROLE = "_fg_internal"
+BRIDGE_ROLE = "_fg_bridge"
 ENROLLEE_ROLE = "_fg_enrollee"
 KICK_ROLE = "_fg_kick"
 ENROLLEE_GROUP = "_fg_enrollees"
 DEFAULT_ADMIN_USERNAME = "_fg_admin"
 DEFAULT_INTERNAL_USERNAME = "_fg_gateway"
+DEFAULT_BRIDGE_USERNAME = "_fg_bridge"
 
 # What mosquitto_ctrl 2.0.11 writes. Our passwords are 32 random bytes, so stretching adds
 # nothing; the hash only keeps the plain text out of the file.
@@ -250,6 +260,16 @@ def enrollee_acls() -> tuple[Acl, ...]:
         # checked first: the wildcard filter itself would read every device's responses
         Acl(AclType.SUBSCRIBE_LITERAL, ENROLL_RESPONSE_FILTER, allow=False, priority=10),
         Acl(AclType.SUBSCRIBE_PATTERN, ENROLL_RESPONSE_FILTER),
+        Acl(AclType.PUBLISH_RECEIVE, ENROLL_RESPONSE_FILTER),
+    )
+
+
+def bridge_acls() -> tuple[Acl, ...]:
+    """The enrollment instance's bridge: every enrollee's request out, every answer back; the
+    subscription only as that one literal filter."""
+    return (
+        Acl(AclType.PUBLISH_SEND, topics.ENROLL_REQUEST_FILTER),
+        Acl(AclType.SUBSCRIBE_LITERAL, ENROLL_RESPONSE_FILTER),
         Acl(AclType.PUBLISH_RECEIVE, ENROLL_RESPONSE_FILTER),
     )
 
@@ -584,6 +604,8 @@ def initial_config(
     admin_password: str,
     internal_username: str,
     internal_password: str,
+    bridge_username: str,
+    bridge_password: str,
     identities: Iterable[Enforcement] = (),
     random_bytes: Callable[[int], bytes] = os.urandom,
 ) -> dict[str, Any]:
@@ -592,27 +614,26 @@ def initial_config(
     rewrite the file). Same format as ``mosquitto_ctrl dynsec init`` writes (that tool ships
     with Debian's mosquitto package), which is not used because it takes the admin password
     on its command line, visible to every local user, and creates the admin only."""
-    check_reserved_username(admin_username)
-    check_reserved_username(internal_username)
-    if admin_username == internal_username:
-        raise ValueError("admin and internal usernames must differ")
+    accounts = [
+        (check_reserved_username(admin_username), admin_password, ADMIN_ROLE),
+        (check_reserved_username(internal_username), internal_password, INTERNAL_ROLE),
+        (check_reserved_username(bridge_username), bridge_password, BRIDGE_ROLE),
+    ]
+    if len({name for name, _, _ in accounts}) != len(accounts):
+        raise ValueError("admin, internal and bridge usernames must differ")
     roles = [
         _role_json(ADMIN_ROLE, admin_acls()),
         _role_json(INTERNAL_ROLE, internal_acls()),
-        _role_json(ENROLLEE_ROLE, enrollee_acls()),
+        _role_json(BRIDGE_ROLE, bridge_acls()),
         _role_json(KICK_ROLE, ()),
     ]
     clients = [
         {
-            "username": admin_username,
-            **hash_password(admin_password, random_bytes(_SALT_BYTES)),
-            "roles": [{"rolename": ADMIN_ROLE}],
-        },
-        {
-            "username": internal_username,
-            **hash_password(internal_password, random_bytes(_SALT_BYTES)),
-            "roles": [{"rolename": INTERNAL_ROLE}],
-        },
+            "username": name,
+            **hash_password(password, random_bytes(_SALT_BYTES)),
+            "roles": [{"rolename": role}],
+        }
+        for name, password, role in accounts
     ]
     seen: set[str] = set()
     for target in identities:
@@ -627,12 +648,10 @@ def initial_config(
             _role_json(target.role, identity_acls(target.kind, target.identity, target.state))
         )
         clients.append({"username": target.identity, "roles": [{"rolename": target.role}]})
+    # no anonymous group: the main instance refuses anonymous clients (``config``)
     return {
         "defaultACLAccess": dict(DEFAULT_ACL_ACCESS),
         "clients": clients,
-        "groups": [
-            {"groupname": ENROLLEE_GROUP, "roles": [{"rolename": ENROLLEE_ROLE}], "clients": []}
-        ],
-        "anonymousGroup": ENROLLEE_GROUP,
+        "groups": [],
         "roles": roles,
     }

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -37,6 +38,8 @@ _PLUGIN_GLOBS = (
     "/usr/local/lib/" + PLUGIN_NAME,
     "/usr/lib/mosquitto/" + PLUGIN_NAME,
 )
+# Logged once every listener is bound, just before the main loop starts.
+_RUNNING = re.compile(r"mosquitto version \S+ running")
 # A broker that ran at least this long before dying restarts at once; quicker deaths back off.
 _STABLE_SECONDS = 10.0
 
@@ -109,6 +112,25 @@ def _tail(path: Path | None, lines: int = 15) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def _size(path: Path | None) -> int:
+    try:
+        return path.stat().st_size if path is not None else 0
+    except OSError:
+        return 0
+
+
+def _read_from(path: Path, offset: int) -> str:
+    """What was appended to ``path`` after ``offset`` (all of it if the file was replaced)."""
+    try:
+        with path.open("rb") as handle:
+            if handle.seek(0, os.SEEK_END) < offset:
+                offset = 0
+            handle.seek(offset)
+            return handle.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def _connect_host(host: str) -> str:
     # A listener bound to every address is reached on loopback.
     return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
@@ -165,6 +187,7 @@ class MosquittoProcess:
 
     async def _spawn(self) -> None:
         binary = self._binary or find_mosquitto()
+        log_offset = _size(self._log_path)
         output = (
             open(self._output_path, "ab")  # noqa: SIM115  handed to the child, closed below
             if self._output_path is not None
@@ -187,21 +210,45 @@ class MosquittoProcess:
                 output.close()
         self._process = process
         try:
+            await self._wait_running(process, log_offset)
             await self._wait_listening(process)
         except BaseException:
             await self._terminate(process)
             raise
 
+    def _check_alive(self, process: asyncio.subprocess.Process) -> None:
+        if process.returncode is not None:
+            raise MosquittoError(
+                MosquittoReason.START_FAILED,
+                f"mosquitto exited with {process.returncode}:\n"
+                f"{_tail(self._output_path)}\n{_tail(self._log_path)}".rstrip(),
+            )
+
+    async def _wait_running(self, process: asyncio.subprocess.Process, offset: int) -> None:
+        """Wait for the broker's "mosquitto version ... running" line, which it logs once every
+        listener is bound. An open port alone proves nothing: when a listener's port is held
+        by another process, connecting to it succeeds while this broker exits with "Address
+        already in use"."""
+        if self._log_path is None:
+            return
+        deadline = time.monotonic() + self._start_timeout
+        while True:
+            self._check_alive(process)
+            if _RUNNING.search(_read_from(self._log_path, offset)) is not None:
+                return
+            if time.monotonic() > deadline:
+                raise MosquittoError(
+                    MosquittoReason.START_FAILED,
+                    f"mosquitto did not report running within {self._start_timeout} s:\n"
+                    f"{_tail(self._log_path)}".rstrip(),
+                )
+            await asyncio.sleep(0.02)
+
     async def _wait_listening(self, process: asyncio.subprocess.Process) -> None:
         deadline = time.monotonic() + self._start_timeout
         waiting = list(self._listeners)
         while waiting:
-            if process.returncode is not None:
-                raise MosquittoError(
-                    MosquittoReason.START_FAILED,
-                    f"mosquitto exited with {process.returncode}:\n"
-                    f"{_tail(self._output_path)}\n{_tail(self._log_path)}".rstrip(),
-                )
+            self._check_alive(process)
             host, port = waiting[0]
             try:
                 _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 0.5)

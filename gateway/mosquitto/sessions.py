@@ -7,7 +7,8 @@ dynsec knows accounts, not sessions). Its connection notices do name each one::
     New client connected from 127.0.0.1:49519 as devA (p2, c1, k60, u'devA').
     Client devA disconnected.
 
-The first line gives the listener (by port), the second the client id and username, and the
+The first line gives the listener (by port), the second the client id and username (a bridge
+that announced itself with ``try_private`` gets "New bridge connected" instead), and the
 disconnect notices end the session. With ``log_dest topic`` the broker publishes these on
 ``$SYS/broker/log/N``, which the gateway's admin client follows. It is approximate: notices
 sent while the admin connection was down are missed, and the set is empty after a restart of
@@ -17,8 +18,11 @@ A client id that connects again while its session is live takes that session ove
 closes the older connection and keeps the new one. It logs "Client X already connected, closing
 old connection." at *error* level (not on the notice topic), then the new connection's
 "New client connected" notice, and no disconnect notice for the old connection (verified on
-2.0.11). So a "connected" notice for a client id that is live already is the takeover;
-``feed`` returns it as a ``Takeover`` (the broker judges whether it is a clone).
+2.0.11). So a "connected" notice for a client id that is live already is the takeover.
+
+``feed`` returns what a line changed: ``Connected`` (with the session it replaced, if any: the
+broker judges whether a takeover is a clone) or ``Disconnected``; the broker turns these into
+the gateway's connected/disconnected events.
 """
 
 from __future__ import annotations
@@ -27,13 +31,13 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass
 
-__all__ = ["Session", "SessionTracker", "Takeover"]
+__all__ = ["Connected", "Disconnected", "Session", "SessionTracker"]
 
 # "<epoch>: " unless log_timestamp_format was changed
 _TIMESTAMP = re.compile(r"^\d+: ")
 _NEW_CONNECTION = re.compile(r"^New connection from (?P<address>\S+) on port (?P<port>\d+)\.$")
 _CONNECTED = re.compile(
-    r"^New client connected from (?P<address>\S+) as (?P<client>.+)"
+    r"^New (?:client|bridge) connected from (?P<address>\S+) as (?P<client>.+)"
     r" \(p\d+, c\d+, k\d+(?:, u'(?P<username>.*)')?\)\.$"
 )
 _TAKEOVER = re.compile(r"^Client .+ already connected, closing old connection\.$")
@@ -56,12 +60,19 @@ class Session:
 
 
 @dataclass(frozen=True)
-class Takeover:
-    """``current`` connected with the client id of the live session ``previous``; Mosquitto
-    closed ``previous``."""
+class Connected:
+    """``session`` began. ``replaced``: the live session of the same client id that Mosquitto
+    closed for it (a takeover), else None."""
 
-    previous: Session
-    current: Session
+    session: Session
+    replaced: Session | None = None
+
+
+@dataclass(frozen=True)
+class Disconnected:
+    """``session`` ended."""
+
+    session: Session
 
 
 class SessionTracker:
@@ -69,9 +80,9 @@ class SessionTracker:
         self._pending: OrderedDict[str, int] = OrderedDict()
         self._sessions: dict[str, Session] = {}
 
-    def feed(self, line: str) -> Takeover | None:
+    def feed(self, line: str) -> Connected | Disconnected | None:
         """Take one log line (with or without its timestamp); unknown lines are ignored.
-        Returns the takeover a "connected" notice for a live client id means, else None."""
+        Returns the session that began or ended with it, else None."""
         if not isinstance(line, str):
             raise TypeError(f"line must be a str, not {type(line).__name__}")
         text = _TIMESTAMP.sub("", line.rstrip("\r\n"), count=1)
@@ -90,21 +101,24 @@ class SessionTracker:
             )
             previous = self._sessions.get(session.client_id)
             self._sessions[session.client_id] = session
-            if previous is not None:
-                return Takeover(previous, session)
+            return Connected(session, previous)
         elif _TAKEOVER.match(text) is not None:
             # logged at error level, so normally not fed; the "connected" notice that follows
             # is what reports the takeover
             return None
         elif (match := _DISCONNECTED.match(text) or _SOCKET_ERROR.match(text)) is not None:
             # "<unknown>": a connection that never completed its CONNECT
-            self._sessions.pop(match["client"], None)
+            ended = self._sessions.pop(match["client"], None)
+            if ended is not None:
+                return Disconnected(ended)
         return None
 
-    def clear(self) -> None:
-        """The broker restarted: nobody is connected."""
+    def clear(self) -> list[Session]:
+        """The broker restarted: nobody is connected. Returns the sessions that were."""
+        ended = list(self._sessions.values())
         self._pending.clear()
         self._sessions.clear()
+        return ended
 
     def sessions(self) -> dict[str, Session]:
         return dict(self._sessions)

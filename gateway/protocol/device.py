@@ -358,7 +358,7 @@ class DeviceClient:
             ours = in_flight.key is not None and (
                 certificate.public_key() == in_flight.key.public_key()
             )
-        except ValueError:
+        except (ValueError, x509.InvalidVersion):  # InvalidVersion is no ValueError
             ours = False
         if not ours:
             # Never install a certificate for a key we do not hold; ask again later.

@@ -60,7 +60,7 @@ class ReasonCode(StrEnum):
     CERTIFICATE_EXPIRED = "certificate_expired"
     # the gateway itself
     UNAVAILABLE = "unavailable"
-    RATE_LIMITED = "rate_limited"  # reserved: not sent by this version
+    RATE_LIMITED = "rate_limited"  # too many requests from this device, or from everyone
 
 
 class Advice(StrEnum):

@@ -62,6 +62,15 @@ def create_registry_engine(url: str, *, busy_timeout_ms: int = DEFAULT_BUSY_TIME
         finally:
             cursor.close()
 
+    @event.listens_for(engine, "handle_error")
+    def _drop_broken(context: Any) -> None:
+        # A connection opened while the file was read-only (or the disk failing) stays that
+        # way for good; the pool would hand it out forever. Dropping it lets the registry
+        # write again as soon as the condition clears, without a restart.
+        text = str(context.original_exception).lower()
+        if "readonly" in text or "read-only" in text or "disk i/o error" in text:
+            context.is_disconnect = True
+
     @event.listens_for(engine, "begin")
     def _begin(connection: Connection) -> None:
         immediate = connection.get_execution_options().get(WRITE_OPTION, False)

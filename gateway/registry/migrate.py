@@ -12,13 +12,15 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, func, select
 
 from gateway.registry.engine import writer
 
 __all__ = ["MIGRATIONS_DIR", "alembic_config", "current_revision", "head_revision", "upgrade"]
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+_MIGRATION_LOCK = int.from_bytes(b"fg-migra")
+"""PostgreSQL advisory lock held while one gateway migrates the schema."""
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
@@ -45,4 +47,9 @@ def current_revision(engine: Engine) -> str | None:
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Run every migration up to ``revision``; a database already there is left untouched."""
     with writer(engine).begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Gateways starting together against one database queue here (until the first
+            # commits) instead of racing to create the same tables; the later ones then find
+            # the schema current. SQLite's BEGIN IMMEDIATE serialises them already.
+            connection.execute(select(func.pg_advisory_xact_lock(_MIGRATION_LOCK)))
         command.upgrade(alembic_config(connection), revision)

@@ -1,6 +1,7 @@
 """Enforcement on the broker, end to end, on both brokers: a real gateway per test (the embedded
-amqtt broker, or Mosquitto 2 with dynamic security), devices enrolled over MQTT by the
-simulators' DeviceClient, then what a device, an attacker and an application each notice.
+amqtt broker, or Mosquitto 2 with dynamic security and its bridged enrollment instance), devices
+enrolled over MQTT by the simulators' DeviceClient, then what a device, an attacker and an
+application each notice.
 
 The observer is the gateway-side view: a client on the internal listener with the gateway's own
 credentials, subscribed to everything. A message the broker wrongly let through reaches it.
@@ -30,7 +31,12 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from test_enrollment import device, drive
 
 from gateway import operations
-from gateway.mosquitto import MosquittoError, find_dynsec_plugin, find_mosquitto
+from gateway.mosquitto import (
+    MosquittoBroker,
+    MosquittoError,
+    find_dynsec_plugin,
+    find_mosquitto,
+)
 from gateway.protocol import topics
 from gateway.protocol.device import DeviceClient, Enrolled, Send
 from gateway.protocol.topics import Channel
@@ -439,6 +445,88 @@ async def test_only_certificates_of_our_ca_open_the_operational_listener(
     assert not await admitted(port, None, a.id)  # no TLS at all
     # the same probe with the device's own certificate gets in: the refusals above are real
     assert await admitted(port, a.tls(gateway), a.id)
+
+
+# -- enrollees ---------------------------------------------------------------------------------
+
+
+def enrollment(
+    gateway: Gateway, identifier: str, *, bind_address: str = ""
+) -> contextlib.AbstractAsyncContextManager[Peer]:
+    """An anonymous client on the enrollment listener (server-authenticated TLS)."""
+    return connect(
+        gateway.ports.enrollment,
+        identifier=identifier,
+        tls=server_auth_context(gateway.ca_chain_pem()),
+        bind_address=bind_address,
+    )
+
+
+async def test_an_enrollee_using_a_live_devices_id_does_not_end_its_session(
+    gateway_and_factory,
+) -> None:
+    """MQTT lets a new connection take a live client id's session over. On Mosquitto the
+    enrollment listener is a broker of its own, so an anonymous client naming an enrolled
+    device's id (and even starting an enrollment in its name) leaves the device's operational
+    session alone."""
+    gateway, factory = gateway_and_factory
+    a = await enroll(gateway, factory, "th-t001")
+    [hello] = [e for e in device(factory, a.id).start() if isinstance(e, Send)]
+    async with observer(gateway) as watch, online(gateway, a) as dev:
+        await dev.publish(topics.telemetry(a.id), b"before")
+        await watch.expect(topics.telemetry(a.id), b"before")
+        with contextlib.suppress(aiomqtt.MqttError):  # a broker may refuse the intruder
+            async with enrollment(gateway, a.id, bind_address="127.0.0.2") as intruder:
+                await intruder.publish(hello.topic, hello.payload)
+                await asyncio.sleep(QUIET)
+        await dev.publish(topics.telemetry(a.id), b"after")
+        await watch.expect(topics.telemetry(a.id), b"after")
+        assert not dev.lost.done()
+        assert gateway.broker is not None
+        assert gateway.broker.connected()[a.id].kind == "device"
+
+
+async def test_an_enrollee_cannot_speak_or_listen_for_another_device(
+    gateway_and_factory,
+) -> None:
+    gateway, _ = gateway_and_factory
+    mine, theirs = "th-e001", "th-e002"
+    async with observer(gateway) as watch, enrollment(gateway, mine) as enrollee:
+        assert await enrollee.subscribe(topics.enroll_response(mine))
+        # Mosquitto 2.0 grants any subscription on the enrollment listener and filters what
+        # it delivers; the embedded broker refuses the subscription itself
+        await enrollee.subscribe(topics.enroll_response(theirs))
+        await enrollee.subscribe("fg/v1/enroll/+/resp")
+        await enrollee.publish(topics.enroll_request(theirs), b"forged in their name")
+        await enrollee.publish(topics.enroll_request(mine), b"marker")
+        await watch.expect(topics.enroll_request(mine), b"marker")
+        await watch.publish(topics.enroll_response(theirs), b"their challenge")
+        await watch.publish(topics.enroll_response(mine), b"my challenge")
+        await enrollee.expect(topics.enroll_response(mine), b"my challenge")
+        await asyncio.sleep(QUIET)
+        assert not watch.saw(topics.enroll_request(theirs), b"forged in their name")
+        # only its own answers (the gateway's reply to the marker among them)
+        assert {t for t, _ in enrollee.seen} == {topics.enroll_response(mine)}
+
+
+@pytest.mark.skipif(_MISSING is not None, reason=f"Mosquitto is not installed ({_MISSING})")
+async def test_a_device_enrolls_through_the_bridged_enrollment_broker(start_gateway) -> None:
+    gateway, factory = await start_gateway(broker_kind="mosquitto")
+    broker = gateway.broker
+    assert isinstance(broker, MosquittoBroker)
+    main, enrolling = broker.process, broker.enrollment_process
+    assert main is not None and enrolling is not None and main.pid != enrolling.pid
+    async with observer(gateway) as watch:
+        a = await enroll(gateway, factory, "th-b001")  # hello, challenge, enroll, certificate
+        # the device's requests reached the gateway's side through the bridge, and the
+        # answers went back the same way
+        assert len([m for m in watch.seen if m[0] == topics.enroll_request(a.id)]) >= 2
+        assert len([m for m in watch.seen if m[0] == topics.enroll_response(a.id)]) >= 2
+        async with online(gateway, a) as dev:
+            await dev.publish(topics.telemetry(a.id), b"enrolled through the bridge")
+            await watch.expect(topics.telemetry(a.id), b"enrolled through the bridge")
+    record = gateway.store.get_identity(a.id)
+    assert record is not None and record.state is IdentityState.ACTIVE
 
 
 # -- clones -----------------------------------------------------------------------------------

@@ -186,3 +186,13 @@ def test_bench_pki_prints_both_rates_and_their_ratio() -> None:
     assert result["count"] == 50
     assert result["pki_per_s"] > 0 and result["bare_per_s"] > 0
     assert result["ratio"] == pytest.approx(result["pki_per_s"] / result["bare_per_s"], rel=0.01)
+
+
+def test_run_with_a_wrong_passphrase_says_so_without_a_traceback(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLEETGATE_PASSPHRASE", "not the passphrase")
+    code, output = fleetgate("run", "--home", str(home))
+    assert code == 1
+    assert "cannot open the gateway's keys" in output and "passphrase" in output
+    assert "Traceback" not in output and "PRIVATE KEY" not in output

@@ -154,6 +154,22 @@ def test_the_shared_enrollee_role_differs_from_the_per_device_rule_only_as_docum
     }
 
 
+def test_the_bridge_role_carries_enrollment_requests_out_and_answers_in_only() -> None:
+    acls = dynsec.bridge_acls()
+    allowed = {
+        (action, topic)
+        for topic, action in itertools.product(CORPUS, Action)
+        if dynsec_allows(acls, action, topic)
+    }
+    devices = ("dev-a", "dev-b")
+    assert allowed == {
+        *((Action.PUBLISH, topics.enroll_request(name)) for name in devices),
+        *((Action.RECEIVE, topics.enroll_response(name)) for name in devices),
+        # the one filter the bridge subscribes with; no other, not even a narrower one
+        (Action.SUBSCRIBE, "fg/v1/enroll/+/resp"),
+    }
+
+
 def test_the_internal_role_cannot_reach_control_topics() -> None:
     acls = dynsec.internal_acls()
     assert dynsec_allows(acls, Action.PUBLISH, "fg/v1/dev/dev-a/cmd/x")
@@ -305,12 +321,14 @@ def test_password_hash_matches_what_mosquitto_ctrl_wrote() -> None:
 
 
 def test_initial_file_holds_our_objects_and_every_identity_not_revoked() -> None:
-    salts = iter([b"A" * 12, b"B" * 12])
+    salts = iter([b"A" * 12, b"B" * 12, b"C" * 12])
     config = dynsec.initial_config(
         admin_username="_fg_admin",
         admin_password="admin-pw",
         internal_username="_fg_gateway",
         internal_password="internal-pw",
+        bridge_username="_fg_bridge",
+        bridge_password="bridge-pw",
         identities=[
             Enforcement("dev-a", IdentityKind.DEVICE, IdentityState.ACTIVE),
             Enforcement("dev-r", IdentityKind.DEVICE, IdentityState.REVOKED),
@@ -324,16 +342,20 @@ def test_initial_file_holds_our_objects_and_every_identity_not_revoked() -> None
         "subscribe": False,
         "unsubscribe": True,
     }
-    assert config["anonymousGroup"] == dynsec.ENROLLEE_GROUP
+    # the main instance admits no anonymous client: no anonymous group, no enrollee role
+    assert "anonymousGroup" not in config and config["groups"] == []
     clients = {c["username"]: c for c in config["clients"]}
-    assert set(clients) == {"_fg_admin", "_fg_gateway", "dev-a", "alice"}
+    assert set(clients) == {"_fg_admin", "_fg_gateway", "_fg_bridge", "dev-a", "alice"}
     admin = clients["_fg_admin"]
     expected = hashlib.pbkdf2_hmac("sha512", b"admin-pw", b"A" * 12, dynsec.PASSWORD_ITERATIONS)
     assert base64.b64decode(admin["password"]) == expected
-    assert "admin-pw" not in json.dumps(config)
+    assert clients["_fg_bridge"]["roles"] == [{"rolename": dynsec.BRIDGE_ROLE}]
+    for secret in ("admin-pw", "internal-pw", "bridge-pw"):
+        assert secret not in json.dumps(config)
     assert "password" not in clients["dev-a"]
     roles = {r["rolename"]: r["acls"] for r in config["roles"]}
-    assert {"dev-dev-a", "op-alice", dynsec.KICK_ROLE} <= set(roles)
+    assert {"dev-dev-a", "op-alice", dynsec.KICK_ROLE, dynsec.BRIDGE_ROLE} <= set(roles)
+    assert dynsec.ENROLLEE_ROLE not in roles
     assert "dev-dev-r" not in roles and roles[dynsec.KICK_ROLE] == []
 
 
@@ -343,6 +365,8 @@ def test_initial_file_holds_our_objects_and_every_identity_not_revoked() -> None
         {"admin_username": "fleetgate-admin"},  # a certificate CN could claim it
         {"internal_username": "gateway"},
         {"internal_username": "_fg_admin"},  # same as the admin
+        {"bridge_username": "_fg_gateway"},  # same as the internal client
+        {"bridge_username": "bridge"},
         {"identities": [Enforcement("d", IdentityKind.DEVICE, IdentityState.ACTIVE)] * 2},
         {"identities": [("d", "device", "active")]},
     ],
@@ -353,6 +377,8 @@ def test_initial_file_refuses_bad_input(change: dict[str, object]) -> None:
         "admin_password": "a",
         "internal_username": "_fg_gateway",
         "internal_password": "b",
+        "bridge_username": "_fg_bridge",
+        "bridge_password": "c",
         **change,
     }
     with pytest.raises((ValueError, TypeError)):

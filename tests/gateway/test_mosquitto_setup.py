@@ -3,6 +3,8 @@ starts anything."""
 
 from __future__ import annotations
 
+import os
+import pwd
 import shutil
 import socket
 from pathlib import Path
@@ -70,6 +72,28 @@ async def test_a_broker_that_cannot_start_says_why(tmp_path: Path) -> None:
     assert not process.running
 
 
+@needs_mosquitto
+async def test_a_port_held_by_another_process_is_not_taken_for_ours(tmp_path: Path) -> None:
+    # connecting to the port succeeds (the holder accepts), yet our broker never bound it
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        config, log = tmp_path / "held.conf", tmp_path / "held.log"
+        config.write_text(
+            f"user {pwd.getpwuid(os.geteuid()).pw_name}\nlog_dest file {log}\n"
+            f"listener {port} 127.0.0.1\n"
+        )
+        process = MosquittoProcess(
+            config, listeners=[("127.0.0.1", port)], log_path=log, output_path=tmp_path / "out"
+        )
+        with pytest.raises(MosquittoError) as caught:
+            await process.start()
+        await process.stop()
+    assert caught.value.reason is MosquittoReason.START_FAILED
+    assert "in use" in caught.value.detail
+
+
 def test_a_process_that_is_not_running_cannot_reload(tmp_path: Path) -> None:
     process = MosquittoProcess(tmp_path / "x.conf", listeners=[("127.0.0.1", 1)])
     with pytest.raises(MosquittoError) as caught:
@@ -91,6 +115,9 @@ def test_a_process_that_is_not_running_cannot_reload(tmp_path: Path) -> None:
         ((Listeners(), MATERIAL, CRL), {"admin_username": "fleetgate-admin"}, ValueError),
         ((Listeners(), MATERIAL, CRL), {"internal_username": "fleetgate-gateway"}, ValueError),
         ((Listeners(), MATERIAL, CRL), {"internal_username": "_fg_admin"}, ValueError),
+        # the enrollment instance's own accounts
+        ((Listeners(), MATERIAL, CRL), {"internal_username": "_fg_bridge"}, ValueError),
+        ((Listeners(), MATERIAL, CRL), {"admin_username": "_fg_monitor"}, ValueError),
         ((Listeners(), MATERIAL, CRL), {"batch_size": 2}, ValueError),
         ((Listeners(), MATERIAL, CRL), {"command_timeout": 0}, ValueError),
         ((object(), MATERIAL, CRL), {}, TypeError),

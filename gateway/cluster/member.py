@@ -1,0 +1,139 @@
+"""What one gateway of several needs from the cluster: a name, the shared broker, the leader
+election and the leader's enforcement announcements. ``gateway.service.Gateway`` takes a
+``ClusterMember`` and asks it who leads; the decisions of what a leader does stay there."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+from collections.abc import Awaitable, Callable
+
+from gateway.acl import Principal
+from gateway.cluster.election import LeaderLock, Leadership, PostgresLeaderLock
+from gateway.cluster.enforced import ENFORCED_TOPIC, EnforcementWatch, announcement
+from gateway.cluster.errors import ClusterError, ClusterReason
+from gateway.cluster.shared_broker import SharedBroker, SharedBrokerControl, load_shared_broker
+from gateway.config import Settings
+from gateway.protocol import topics
+from gateway.transport import MqttTransport, Route
+from pki.clock import Clock
+
+__all__ = ["SHARE_GROUP", "ClusterMember", "default_node_name"]
+
+log = logging.getLogger(__name__)
+
+SHARE_GROUP = "fleetgate"
+"""Shared-subscription group of every gateway: ``$share/fleetgate/<request filter>``."""
+
+_NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+def default_node_name() -> str:
+    """host-pid: unique among the gateways of one machine and across machines."""
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:40].strip("-.") or "host"
+    return f"{host}-{os.getpid()}"
+
+
+class ClusterMember:
+    """One gateway's membership. ``lock`` and ``shared`` default to the PostgreSQL advisory
+    lock on the registry's database and ``<home>/cluster/broker.json``.
+
+    ``ClusterError(NEEDS_POSTGRESQL)`` when the registry is not PostgreSQL (the leader lock
+    lives there), ``NO_SHARED_BROKER`` / ``BAD_SHARED_BROKER`` when the descriptor is missing.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        node: str | None = None,
+        lock: LeaderLock | None = None,
+        shared: SharedBroker | None = None,
+        interval: float = 1.0,
+        enforce_timeout: float = 10.0,
+    ) -> None:
+        name = node if node is not None else default_node_name()
+        if not isinstance(name, str) or _NODE.fullmatch(name) is None:
+            raise ValueError(f"node name {name!r}: letters, digits, '_', '.', '-' (max 63)")
+        if not enforce_timeout > 0:
+            raise ValueError("enforce_timeout must be positive")
+        self.node = name
+        self._lock = lock if lock is not None else PostgresLeaderLock(settings.database)
+        self.shared = shared if shared is not None else load_shared_broker(settings.home)
+        self._interval = interval
+        self._enforce_timeout = enforce_timeout
+        self.watch = EnforcementWatch()
+        self._leadership: Leadership | None = None
+
+    @property
+    def is_leader(self) -> bool:
+        return self._leadership is not None and self._leadership.is_leader
+
+    @property
+    def client_id(self) -> str:
+        """The MQTT client id of this gateway's message client (one per gateway: a shared id
+        would make the broker drop one gateway's session for the other's)."""
+        return f"fleetgate-{self.node}"
+
+    @property
+    def account(self) -> str:
+        """This gateway's message-client account on the shared broker."""
+        return f"_fg_gw-{self.node}"
+
+    def broker(
+        self, *, clock: Clock, on_clone: Callable[[Principal, str, str], None] | None
+    ) -> SharedBrokerControl:
+        """This gateway's control of the shared broker. Every gateway's admin connection hears
+        the broker's connection notices; only the leader reacts to a clone."""
+
+        def leader_only(principal: Principal, first: str, second: str) -> None:
+            if self.is_leader and on_clone is not None:
+                on_clone(principal, first, second)
+
+        return SharedBrokerControl(
+            self.shared, internal_username=self.account, clock=clock, on_clone=leader_only
+        )
+
+    def routes(self) -> list[Route]:
+        return [Route(ENFORCED_TOPIC, self.watch.handle, inline=True)]
+
+    async def start(
+        self,
+        *,
+        on_elected: Callable[[], Awaitable[None]],
+        on_deposed: Callable[[], Awaitable[None]],
+    ) -> None:
+        if self._leadership is not None:
+            raise RuntimeError("already started")
+        self._leadership = Leadership(
+            self._lock, on_elected=on_elected, on_deposed=on_deposed, interval=self._interval
+        )
+        await self._leadership.start()
+
+    async def stop(self) -> None:
+        leadership, self._leadership = self._leadership, None
+        if leadership is not None:
+            await leadership.stop()
+
+    async def announce(self, transport: MqttTransport, seq: int) -> None:
+        """Leader: everything up to ``seq`` is in force."""
+        self.watch.note(seq)
+        await transport.publish(announcement(seq, self.node))
+
+    async def wait_enforced(self, seq: int) -> None:
+        """Follower: return once the leader enforced ``seq``; ClusterError(NOT_ENFORCED) after
+        the timeout (the change stays recorded and a leader enforces it when there is one)."""
+        if not await self.watch.wait(seq, self._enforce_timeout):
+            raise ClusterError(
+                ClusterReason.NOT_ENFORCED,
+                f"audit event {seq} is recorded, but no leader confirmed enforcing it within "
+                f"{self._enforce_timeout} s",
+            )
+
+    async def step_down(self, transport: MqttTransport | None) -> None:
+        """Lost the lead: stop re-sending the leader's retained messages after a reconnect."""
+        if transport is not None:
+            transport.forget(ENFORCED_TOPIC)
+            transport.forget(topics.CRL_TOPIC)
