@@ -197,6 +197,7 @@ class MqttTransport:
         self._serving: asyncio.Task[None] | None = None
         self._replies: set[asyncio.Task[None]] = set()
         self._ready = asyncio.Event()
+        self.connections = 0  # successful connects to the broker, reconnects included
         self._retained: dict[str, bytes] = {}
         self.handled = 0
         self.handler_errors = 0
@@ -223,14 +224,21 @@ class MqttTransport:
         self._retained.pop(topic, None)
 
     async def publish(self, message: Message) -> None:
-        """Publish now if connected; retained messages are also re-sent after a reconnect."""
+        """Publish now if connected; retained messages are also re-sent after a reconnect, so
+        losing the connection while publishing one is not an error (raises ``MqttError`` for
+        the others)."""
         if message.retain:
             self._retained[message.topic] = message.payload
         client = self._client
         if client is not None and self._ready.is_set():
-            await client.publish(
-                message.topic, message.payload, qos=message.qos, retain=message.retain
-            )
+            try:
+                await client.publish(
+                    message.topic, message.payload, qos=message.qos, retain=message.retain
+                )
+            except aiomqtt.MqttError as exc:
+                if not message.retain:
+                    raise
+                log.info("%s is sent again after the reconnect (%s)", message.topic, exc)
 
     async def _run(self) -> None:
         backoff = 0.2
@@ -259,6 +267,7 @@ class MqttTransport:
                     for topic, payload in self._retained.items():
                         await client.publish(topic, payload, qos=1, retain=True)
                     self._ready.set()
+                    self.connections += 1
                     backoff = 0.2
                     async for message in client.messages:
                         payload = message.payload

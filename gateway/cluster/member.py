@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 SHARE_GROUP = "fleetgate"
 """Shared-subscription group of every gateway: ``$share/fleetgate/<request filter>``."""
 
+BROKER_COMMAND_TIMEOUT = 30.0
 _NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
@@ -93,7 +94,13 @@ class ClusterMember:
                 on_clone(principal, first, second)
 
         return SharedBrokerControl(
-            self.shared, internal_username=self.account, clock=clock, on_clone=leader_only
+            self.shared,
+            internal_username=self.account,
+            clock=clock,
+            on_clone=leader_only,
+            # A broker rewriting a large dynsec file answers late; a gateway that gave up at
+            # start would just be one fewer.
+            command_timeout=BROKER_COMMAND_TIMEOUT,
         )
 
     def routes(self) -> list[Route]:
