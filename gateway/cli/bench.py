@@ -255,3 +255,36 @@ def plot_command(
         console.print(f"wrote {plot_runs(loaded, output)}")
     except (PlotUnavailable, ValueError) as exc:
         fail(str(exc))
+
+
+@app.command("console")
+def console_bench_command(
+    devices: Annotated[int, typer.Option(help="Synthetic rows in the fleet table.")] = 100_000,
+    as_json: JsonOption = False,
+) -> None:
+    """Fleet table load, filter and sort times for a large fleet (offscreen Qt)."""
+    from gateway.bench_console import render_console_bench, run_console_bench
+
+    result = run_console_bench(devices)
+    if as_json:
+        print_json(result)
+    else:
+        console.print(render_console_bench(result))
+
+
+@app.command("fuzz")
+def fuzz_command(
+    count: Annotated[int, typer.Option(help="Generated and mutated payloads.")] = 100_000,
+    seed: Annotated[int, typer.Option(help="Seed, to replay a run.")] = 0,
+    as_json: JsonOption = False,
+) -> None:
+    """Feed payloads through the enrollment decoder and state machine; exit 1 on any crash."""
+    from gateway.bench_fuzz import render_fuzz, run_fuzz
+
+    result = run_fuzz(count, seed=seed)
+    if as_json:
+        print_json(result)
+    else:
+        console.print(render_fuzz(result))
+    if result.get("crashes"):
+        raise typer.Exit(1)
