@@ -14,13 +14,13 @@ duplicate keys), then the envelope (``v``, ``id``, ``op``, ``args``).
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from gateway.protocol import strictjson
 from gateway.protocol.messages import valid_request_id
 from gateway.protocol.topics import PREFIX
 from pki.profile import is_identity_name
@@ -30,7 +30,6 @@ MAX_REQUEST_BYTES = 64 * 1024
 # A request is an envelope holding an args object holding at most a list of ids: three levels,
 # one more of slack. Anything deeper is an attack or a bug.
 MAX_DEPTH = 4
-MAX_INTEGER_DIGITS = 15
 
 ADMIN_PREFIX = f"{PREFIX}/admin"
 REQUEST_FILTER = f"{ADMIN_PREFIX}/+/req"
@@ -121,92 +120,20 @@ class AdminRequest:
             raise TypeError(f"args must be a mapping, not {type(self.args).__name__}")
 
 
-class _Absurd(Exception):
-    """A JSON value no request can hold (raised from the parser hooks)."""
-
-
-class _DuplicateKey(Exception):
-    pass
-
-
-def _parse_int(text: str) -> int:
-    # The cap stops 10**10000-style integers before Python spends quadratic time on them.
-    if len(text.lstrip("-")) > MAX_INTEGER_DIGITS:
-        raise _Absurd(f"integer with {len(text)} digits")
-    return int(text)
-
-
-def _parse_float(text: str) -> float:
-    if len(text) > 32:
-        raise _Absurd("number too long")
-    value = float(text)
-    if not math.isfinite(value):
-        raise _Absurd(f"number {text[:20]} out of range")
-    return value
-
-
-def _parse_constant(name: str) -> Any:
-    raise _Absurd(f"{name} is not a JSON number")
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # Two parsers could pick different values for a repeated key; refuse the ambiguity.
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _DuplicateKey(key)
-        result[key] = value
-    return result
-
-
-def _depth(value: object) -> int:
-    deepest = 0
-    stack: list[tuple[object, int]] = [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        if isinstance(item, dict):
-            deepest = max(deepest, level)
-            stack.extend((child, level + 1) for child in item.values())
-        elif isinstance(item, list):
-            deepest = max(deepest, level)
-            stack.extend((child, level + 1) for child in item)
-    return deepest
+_REASON_FOR = {
+    strictjson.Rejection.TOO_LARGE: AdminReason.PAYLOAD_TOO_LARGE,
+    strictjson.Rejection.MALFORMED: AdminReason.MALFORMED,
+    strictjson.Rejection.INVALID: AdminReason.INVALID_FIELD,
+}
 
 
 def load_json_object(payload: bytes, limit: int = MAX_REQUEST_BYTES) -> dict[str, Any]:
     """Bytes to one JSON object, or AdminRequestError (malformed, payload_too_large,
     invalid_field)."""
-    if not isinstance(payload, bytes | bytearray):
-        raise AdminRequestError(AdminReason.MALFORMED, "payload must be bytes")
-    if len(payload) > limit:
-        raise AdminRequestError(
-            AdminReason.PAYLOAD_TOO_LARGE, f"{len(payload)} bytes, at most {limit}"
-        )
     try:
-        text = bytes(payload).decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise AdminRequestError(AdminReason.MALFORMED, f"not UTF-8: {exc.reason}") from None
-    try:
-        value = json.loads(
-            text,
-            parse_int=_parse_int,
-            parse_float=_parse_float,
-            parse_constant=_parse_constant,
-            object_pairs_hook=_unique_keys,
-        )
-    except _Absurd as exc:
-        raise AdminRequestError(AdminReason.INVALID_FIELD, str(exc)) from None
-    except RecursionError:
-        raise AdminRequestError(AdminReason.INVALID_FIELD, "nesting too deep") from None
-    except _DuplicateKey as exc:
-        raise AdminRequestError(
-            AdminReason.MALFORMED, f"duplicate key {str(exc)[:64]!r}"
-        ) from None
-    except ValueError as exc:  # json.JSONDecodeError and int-conversion limits
-        raise AdminRequestError(AdminReason.MALFORMED, f"not JSON: {str(exc)[:200]}") from None
-    if not isinstance(value, dict):
-        raise AdminRequestError(AdminReason.MALFORMED, "a request is a JSON object")
-    return value
+        return strictjson.load_object(payload, max_bytes=limit, what="a request")
+    except strictjson.JsonRejected as exc:
+        raise AdminRequestError(_REASON_FOR[exc.kind], exc.detail) from None
 
 
 def parse_request(payload: bytes) -> AdminRequest:
@@ -214,7 +141,7 @@ def parse_request(payload: bytes) -> AdminRequest:
     obj = load_json_object(payload)
     raw_id = obj.get("id")
     request_id = raw_id if valid_request_id(raw_id) else None
-    if _depth(obj) > MAX_DEPTH:
+    if strictjson.depth(obj) > MAX_DEPTH:
         raise AdminRequestError(AdminReason.INVALID_FIELD, "nesting too deep", request_id)
     version = obj.get("v")
     if "v" not in obj or not isinstance(version, int) or isinstance(version, bool):

@@ -11,10 +11,10 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from gateway.protocol import strictjson
 from gateway.protocol.errors import ProtocolError
 from gateway.protocol.messages import (
     MAX_PAYLOAD,
@@ -40,106 +40,32 @@ from gateway.protocol.reasons import ReasonCode
 # Our messages nest at most three deep (object -> firmware object / chain array); one level of
 # slack for unknown fields. Anything deeper is an attack or a bug.
 MAX_DEPTH = 4
-# Unix seconds and byte counts fit in 13 digits; the cap stops 10**10000-style integers before
-# Python spends quadratic time converting them.
-MAX_INTEGER_DIGITS = 15
+_REASON_FOR = {
+    strictjson.Rejection.TOO_LARGE: ReasonCode.PAYLOAD_TOO_LARGE,
+    strictjson.Rejection.MALFORMED: ReasonCode.MALFORMED,
+    strictjson.Rejection.INVALID: ReasonCode.INVALID_FIELD,
+}
 
 _M = TypeVar("_M", bound=Message)
 MESSAGE_CLASSES = (*REQUEST_TYPES.values(), *RESPONSE_TYPES.values())
-
-
-class _Absurd(Exception):
-    """A JSON value no protocol field can hold (raised from the parser hooks)."""
-
-
-class _DuplicateKey(Exception):
-    pass
 
 
 class _Field(Exception):
     """A field is missing or has the wrong JSON type or encoding."""
 
 
-def _parse_int(text: str) -> int:
-    if len(text.lstrip("-")) > MAX_INTEGER_DIGITS:
-        raise _Absurd(f"integer with {len(text)} digits")
-    return int(text)
-
-
-def _parse_float(text: str) -> float:
-    if len(text) > 32:
-        raise _Absurd("number too long")
-    value = float(text)
-    if not math.isfinite(value):
-        raise _Absurd(f"number {text[:20]} out of range")
-    return value
-
-
-def _parse_constant(name: str) -> Any:
-    raise _Absurd(f"{name} is not a JSON number")
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # Two parsers could pick different values for a repeated key; refuse the ambiguity.
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _DuplicateKey(key)
-        result[key] = value
-    return result
-
-
-def _depth(value: object) -> int:
-    deepest = 0
-    stack: list[tuple[object, int]] = [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        if isinstance(item, dict):
-            deepest = max(deepest, level)
-            stack.extend((child, level + 1) for child in item.values())
-        elif isinstance(item, list):
-            deepest = max(deepest, level)
-            stack.extend((child, level + 1) for child in item)
-    return deepest
-
-
 def _load_object(payload: bytes) -> dict[str, Any]:
-    if not isinstance(payload, bytes | bytearray):
-        raise ProtocolError(ReasonCode.MALFORMED, "payload must be bytes")
-    if len(payload) > MAX_PAYLOAD:
-        raise ProtocolError(
-            ReasonCode.PAYLOAD_TOO_LARGE, f"{len(payload)} bytes, at most {MAX_PAYLOAD}"
-        )
     try:
-        text = bytes(payload).decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ProtocolError(ReasonCode.MALFORMED, f"not UTF-8: {exc.reason}") from None
-    try:
-        value = json.loads(
-            text,
-            parse_int=_parse_int,
-            parse_float=_parse_float,
-            parse_constant=_parse_constant,
-            object_pairs_hook=_unique_keys,
-        )
-    except _Absurd as exc:
-        raise ProtocolError(ReasonCode.INVALID_FIELD, str(exc)) from None
-    except RecursionError:
-        raise ProtocolError(ReasonCode.INVALID_FIELD, "nesting too deep") from None
-    except _DuplicateKey as exc:
-        raise ProtocolError(ReasonCode.MALFORMED, f"duplicate key {str(exc)[:64]!r}") from None
-    except ValueError as exc:  # json.JSONDecodeError and int-conversion limits
-        raise ProtocolError(ReasonCode.MALFORMED, f"not JSON: {str(exc)[:200]}") from None
-    if not isinstance(value, dict):
-        raise ProtocolError(ReasonCode.MALFORMED, "a message is a JSON object")
-    return value
+        return strictjson.load_object(payload, max_bytes=MAX_PAYLOAD)
+    except strictjson.JsonRejected as exc:
+        raise ProtocolError(_REASON_FOR[exc.kind], exc.detail) from None
 
 
 def _envelope(obj: dict[str, Any], known: dict[str, type[_M]]) -> tuple[type[_M], str | None]:
     """Check ``v``, ``type`` and ``id``; return the message class and the (valid) id."""
     raw_id = obj.get("id")
     request_id = raw_id if valid_request_id(raw_id) else None
-    if _depth(obj) > MAX_DEPTH:
+    if strictjson.depth(obj) > MAX_DEPTH:
         raise ProtocolError(ReasonCode.INVALID_FIELD, "nesting too deep", request_id)
     if "v" not in obj:
         raise ProtocolError(ReasonCode.INVALID_FIELD, "missing field 'v'", request_id)
