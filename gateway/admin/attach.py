@@ -132,7 +132,8 @@ def attach_admin(gateway: Gateway) -> AdminService:
         GatewayBackend(gateway, audit_key=audit_key), telemetry=telemetry, events=relay
     )
     dispatcher = AdminDispatcher(service.handle, publish)
-    gateway.routes.append(Route(REQUEST_FILTER, dispatcher.accept, inline=True))
+    # shared: in a cluster one gateway answers each operator request, as for enrollment
+    gateway.routes.append(Route(REQUEST_FILTER, dispatcher.accept, inline=True, shared=True))
     gateway.routes.append(Route(TELEMETRY_FILTER, telemetry.handle, inline=True))
     gateway.listeners.append(relay)
     _attached[gateway] = service

@@ -8,7 +8,7 @@ from gateway.cli import audit, bench, device, operator, token
 from gateway.cli.common import console
 from gateway.cli.console_app import console_command
 from gateway.cli.init import init_command
-from gateway.cli.run import demo_command, run_command
+from gateway.cli.run import broker_command, demo_command, run_command
 from gateway.cli.sim import sim_command
 
 app = typer.Typer(
@@ -19,6 +19,7 @@ app = typer.Typer(
 )
 app.command("init")(init_command)
 app.command("run")(run_command)
+app.command("broker")(broker_command)
 app.command("demo")(demo_command)
 app.command("sim")(sim_command)
 app.command("console")(console_command)
