@@ -85,6 +85,13 @@ class BrokerKeeper:
             return None
 
     async def start(self) -> SharedBroker:
+        try:
+            return await self._start()
+        except BaseException:
+            await self.stop()  # never leave the broker's processes behind
+            raise
+
+    async def _start(self) -> SharedBroker:
         settings, source = self._settings, self._source
         previous = self._previous()
         ports = settings.broker
@@ -153,13 +160,17 @@ class BrokerKeeper:
         return shared
 
     async def stop(self) -> None:
-        for task in (*self._tasks, *self._installing):
-            task.cancel()
-        await asyncio.gather(*self._tasks, *self._installing, return_exceptions=True)
-        if self._transport is not None:
-            await self._transport.stop()
-        if self._broker is not None:
-            await self._broker.stop()
+        """Stop the broker whatever else fails: its processes run in sessions of their own and
+        would outlive the keeper."""
+        try:
+            for task in (*self._tasks, *self._installing):
+                task.cancel()
+            await asyncio.gather(*self._tasks, *self._installing, return_exceptions=True)
+            if self._transport is not None:
+                await self._transport.stop()
+        finally:
+            if self._broker is not None:
+                await self._broker.stop()
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.start()
