@@ -16,9 +16,33 @@ class PlotUnavailable(RuntimeError):
     """matplotlib is not installed."""
 
 
-def plot_runs(results: list[dict[str, Any]], path: Path) -> Path:
-    """Draw each enroll result's timeline (rate, p50 and p99 latency per second) and each soak
-    result's renewal rate into one PNG at ``path``."""
+def _windows(
+    timeline: list[dict[str, float]], key: str, seconds: float, *, skip_empty: bool = False
+) -> tuple[list[float], list[float]]:
+    """``key`` averaged over consecutive windows of ``seconds`` (per-second figures from a
+    shared machine are too jumpy to read); ``skip_empty`` leaves out seconds in which no device
+    finished (they have no latency)."""
+    xs: list[float] = []
+    ys: list[float] = []
+    window: list[float] = []
+    start = timeline[0]["t"] if timeline else 0.0
+    for point in timeline:
+        if point["t"] - start >= seconds:
+            if window:
+                xs.append(start + seconds / 2)
+                ys.append(sum(window) / len(window))
+            start, window = point["t"], []
+        if not (skip_empty and point.get("onboarded_per_s", 1) == 0):
+            window.append(point[key])
+    if window:
+        xs.append(start + seconds / 2)
+        ys.append(sum(window) / len(window))
+    return xs, ys
+
+
+def plot_runs(results: list[dict[str, Any]], path: Path, window: float = 10.0) -> Path:
+    """Draw each enroll result's timeline (onboarding rate, p50 and p99 latency, averaged over
+    ``window`` seconds) and each soak result's renewal rate into one PNG at ``path``."""
     try:
         import matplotlib
 
@@ -38,17 +62,18 @@ def plot_runs(results: list[dict[str, Any]], path: Path) -> Path:
         for result in enrolls:
             label = f"{result['parameters']['broker']}, {result['devices']:,} devices"
             timeline = result["timeline"]
-            t = [p["t"] for p in timeline]
-            rate.plot(t, [p["onboarded_per_s"] for p in timeline], label=label)
-            line = latency.plot(t, [p["p50_ms"] / 1000 for p in timeline], label=f"{label}, p50")
+            rate.plot(*_windows(timeline, "onboarded_per_s", window), label=label)
+            t50, p50 = _windows(timeline, "p50_ms", window, skip_empty=True)
+            t99, p99 = _windows(timeline, "p99_ms", window, skip_empty=True)
+            line = latency.plot(t50, [v / 1000 for v in p50], label=f"{label}, p50")
             latency.plot(
-                t,
-                [p["p99_ms"] / 1000 for p in timeline],
+                t99,
+                [v / 1000 for v in p99],
                 linestyle="--",
                 color=line[0].get_color(),
                 label=f"{label}, p99",
             )
-        rate.set_ylabel("devices onboarded / s")
+        rate.set_ylabel(f"devices onboarded / s\n({window:.0f} s average)")
         rate.set_title("Onboarding: first connect to operational mutual-TLS session")
         latency.set_ylabel("latency (s)")
         latency.set_xlabel("seconds since the fleet powered on")

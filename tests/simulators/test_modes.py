@@ -87,7 +87,7 @@ async def test_a_prober_reaches_no_other_device(start_gateway) -> None:
 async def test_flood_reports_the_slowdown_of_the_other_devices(start_gateway) -> None:
     gateway, factory = await start_gateway()
     summary = await run_mode(
-        mode_options(gateway, Mode.FLOOD, 2, flood_rounds=1, flood_parallel=8), factory
+        mode_options(gateway, Mode.FLOOD, 2, flood_rounds=1, flood_parallel=4), factory
     )
     details = summary.details
     assert details["flood_sent"] > 0
