@@ -134,6 +134,25 @@ class MosquittoConfig:
         check_queue_limit(self.max_queued_messages)
 
 
+def common_settings(max_queued_messages: int, log_path: Path) -> list[str]:
+    """Queueing, latency and logging lines both of our Mosquitto instances use."""
+    return [
+        f"max_queued_messages {max_queued_messages}",
+        # request -> reply over MQTT waits 40-90 ms on delayed ACKs without it (measured)
+        "set_tcp_nodelay true",
+        "persistence false",
+        f"log_dest file {log_path}",
+        # connection notices on $SYS/broker/log: how the gateway learns who is connected
+        "log_dest topic",
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+        "log_type information",
+        "connection_messages true",
+        "log_timestamp true",
+    ]
+
+
 def render_config(config: MosquittoConfig) -> str:
     """The complete mosquitto.conf text for ``config``."""
     if not isinstance(config, MosquittoConfig):
@@ -143,18 +162,7 @@ def render_config(config: MosquittoConfig) -> str:
         f"user {config.run_as_user}",
         "per_listener_settings false",
         "allow_anonymous false",
-        f"max_queued_messages {config.max_queued_messages}",
-        # request -> reply over MQTT waits 40-90 ms on delayed ACKs without it (measured)
-        "set_tcp_nodelay true",
-        "persistence false",
-        f"log_dest file {config.log_path}",
-        "log_dest topic",
-        "log_type error",
-        "log_type warning",
-        "log_type notice",
-        "log_type information",
-        "connection_messages true",
-        "log_timestamp true",
+        *common_settings(config.max_queued_messages, config.log_path),
         f"plugin {config.plugin_path}",
         f"plugin_opt_config_file {config.dynsec_path}",
         "",

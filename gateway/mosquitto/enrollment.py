@@ -56,6 +56,7 @@ from gateway.mosquitto.config import (
     check_port,
     check_queue_limit,
     check_user,
+    common_settings,
 )
 from gateway.mosquitto.dynsec import PASSWORD_ITERATIONS, check_reserved_username, hash_password
 from gateway.protocol import topics
@@ -154,17 +155,7 @@ def render_enrollment_config(config: EnrollmentConfig) -> str:
         "# Written by Fleetgate at every start; edits are lost.",
         f"user {config.run_as_user}",
         "per_listener_settings true",
-        f"max_queued_messages {config.max_queued_messages}",
-        "set_tcp_nodelay true",
-        "persistence false",
-        f"log_dest file {config.log_path}",
-        "log_dest topic",
-        "log_type error",
-        "log_type warning",
-        "log_type notice",
-        "log_type information",
-        "connection_messages true",
-        "log_timestamp true",
+        *common_settings(config.max_queued_messages, config.log_path),
         "",
         "# monitor: the gateway reads connection notices here; one password account, loopback",
         f"listener {config.monitor_port} 127.0.0.1",
