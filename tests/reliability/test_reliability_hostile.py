@@ -96,10 +96,12 @@ def truncated_base64(gw: LoopbackGateway) -> tuple[str, Channel, bytes]:
     return on_enroll(raw(document))
 
 
-def base64_field(change: Callable[[str], str]) -> Case:
+def base64_field(change: Callable[[str], str], field: str = "csr") -> Case:
     def case(gw: LoopbackGateway) -> tuple[str, Channel, bytes]:
         document = enroll_document(gw)
-        document["csr"] = change(str(document["csr"]))
+        before = str(document[field])
+        document[field] = change(before)
+        assert document[field] != before, "the hostile change must change the field"
         return on_enroll(raw(document))
 
     return case
@@ -269,7 +271,11 @@ CASES: dict[str, tuple[Case, ReasonCode]] = {
         ReasonCode.UNSUPPORTED_VERSION,
     ),
     "truncated_base64": (truncated_base64, ReasonCode.INVALID_FIELD),
-    "base64_without_padding": (base64_field(lambda v: v.rstrip("=")), ReasonCode.INVALID_FIELD),
+    # a 32-byte nonce always ends in "=" (a CSR's DER length varies with its signature)
+    "base64_without_padding": (
+        base64_field(lambda v: v.rstrip("="), field="device_nonce"),
+        ReasonCode.INVALID_FIELD,
+    ),
     "base64_url_alphabet": (
         base64_field(lambda v: base64.urlsafe_b64encode(base64.b64decode(v)).decode() + "-_"),
         ReasonCode.INVALID_FIELD,
