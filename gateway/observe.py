@@ -63,9 +63,10 @@ class Denied:
 
 @dataclass(frozen=True, slots=True)
 class CertificateIssued:
-    """The gateway issued ``identity`` a certificate: ``attested`` for an enrollment that
-    verified fresh evidence (hello/enroll), False for a renewal proven by the current
-    certificate. ``firmware_digest`` is what the device reported (None: not reported)."""
+    """The gateway issued ``identity`` a certificate: ``attested`` for a fresh enrollment
+    (verified evidence, or an operator's bootstrap token), False for a renewal proven by the
+    current certificate. ``firmware_digest`` is what the device reported (None: not
+    reported)."""
 
     identity: str
     attested: bool

@@ -142,8 +142,12 @@ class Decider:
         csr_policy: CsrPolicy,
         random_bytes: Callable[[int], bytes],
         rng: random.Random,
+        lifetime_cap: Callable[[str], int | None] | None = None,
     ) -> None:
+        """``lifetime_cap(device_id)``: seconds a device's next certificate may last at most
+        (an automatic response to suspicious behaviour); None leaves the policy's."""
         self._store = store
+        self._lifetime_cap = lifetime_cap
         self._issuer = issuer
         self._policy = policy
         self._csr_policy = csr_policy
@@ -198,6 +202,10 @@ class Decider:
         detail: dict[str, str],
         requested_lifetime: int | None,
     ) -> Decision:
+        cap = self._lifetime_cap(identity.id) if self._lifetime_cap is not None else None
+        if cap is not None:
+            requested_lifetime = cap if requested_lifetime is None else min(requested_lifetime, cap)
+            detail = {**detail, "lifetime_cap": str(cap)}
         issued = issue_device_certificate(
             self._issuer,
             self._policy,

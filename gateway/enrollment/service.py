@@ -29,6 +29,7 @@ from gateway.enrollment.policy import EnrollmentPolicy
 from gateway.enrollment.publish import Publish
 from gateway.enrollment.ratelimit import RateLimiter, RateVerdict
 from gateway.faults import fault_point
+from gateway.observe import CertificateIssued, Observer
 from gateway.protocol.codec import decode_request, encode
 from gateway.protocol.errors import ProtocolError
 from gateway.protocol.messages import (
@@ -101,7 +102,12 @@ class EnrollmentService:
         random: random_module.Random | None = None,
         csr_policy: CsrPolicy | None = None,
         rate_limiter: RateLimiter | None = None,
+        observer: Observer | None = None,
+        lifetime_cap: Callable[[str], int | None] | None = None,
     ) -> None:
+        """``observer`` hears of every certificate issued (behaviour baselines); it runs in
+        the calling thread and what it raises is logged, never answered to the device.
+        ``lifetime_cap``: see ``Decider``."""
         if not isinstance(policy, EnrollmentPolicy):
             raise TypeError("policy must be an EnrollmentPolicy")
         if rate_limiter is not None and not isinstance(rate_limiter, RateLimiter):
@@ -117,7 +123,9 @@ class EnrollmentService:
             csr_policy=csr_policy or CsrPolicy(),
             random_bytes=random_bytes,
             rng=random or random_module.Random(),
+            lifetime_cap=lifetime_cap,
         )
+        self._observer = observer
         self.metrics: collections.Counter[str] = collections.Counter()
         # Requests that consumed their nonce or token but whose answer is not committed yet.
         self._consumed: collections.OrderedDict[_AttemptKey, None] = collections.OrderedDict()
@@ -256,7 +264,26 @@ class EnrollmentService:
         issued = decision.certificate is not None
         if issued:
             fault_point("after_row_written")
+            self._observe_issued(where.device_id, request)
         return Publish(where.response, payload, issued_to=where.device_id if issued else None)
+
+    def _observe_issued(self, device_id: str, request: Request) -> None:
+        if self._observer is None:
+            return
+        firmware = getattr(request, "firmware", None)
+        try:
+            self._observer(
+                CertificateIssued(
+                    identity=device_id,
+                    # a renewal is proven by the current certificate, not by fresh evidence
+                    attested=not isinstance(request, Renew),
+                    firmware_version=firmware.version if firmware is not None else None,
+                    firmware_digest=firmware.digest if firmware is not None else None,
+                )
+            )
+        except Exception:
+            self.metrics["errors.observer"] += 1
+            log.exception("the observer failed on a certificate issued to %s", device_id)
 
     def _after_duplicate(
         self,
