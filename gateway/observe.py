@@ -24,6 +24,7 @@ __all__ = [
     "Observation",
     "Observer",
     "Published",
+    "RequestRefused",
 ]
 
 
@@ -74,5 +75,14 @@ class CertificateIssued:
     firmware_digest: str | None
 
 
-Observation = Connected | Disconnected | Published | Denied | CertificateIssued
+@dataclass(frozen=True, slots=True)
+class RequestRefused:
+    """The gateway refused an enrollment or renewal request of ``identity`` (a device id as
+    the request topic named it: possibly no registered identity) with a wire reason code."""
+
+    identity: str
+    reason: str
+
+
+Observation = Connected | Disconnected | Published | Denied | CertificateIssued | RequestRefused
 Observer = Callable[[Observation], None]

@@ -29,7 +29,7 @@ from gateway.enrollment.policy import EnrollmentPolicy
 from gateway.enrollment.publish import Publish
 from gateway.enrollment.ratelimit import RateLimiter, RateVerdict
 from gateway.faults import fault_point
-from gateway.observe import CertificateIssued, Observer
+from gateway.observe import CertificateIssued, Observation, Observer, RequestRefused
 from gateway.protocol.codec import decode_request, encode
 from gateway.protocol.errors import ProtocolError
 from gateway.protocol.messages import (
@@ -268,22 +268,25 @@ class EnrollmentService:
         return Publish(where.response, payload, issued_to=where.device_id if issued else None)
 
     def _observe_issued(self, device_id: str, request: Request) -> None:
+        firmware = getattr(request, "firmware", None)
+        self._observe(
+            CertificateIssued(
+                identity=device_id,
+                # a renewal is proven by the current certificate, not by fresh evidence
+                attested=not isinstance(request, Renew),
+                firmware_version=firmware.version if firmware is not None else None,
+                firmware_digest=firmware.digest if firmware is not None else None,
+            )
+        )
+
+    def _observe(self, observation: Observation) -> None:
         if self._observer is None:
             return
-        firmware = getattr(request, "firmware", None)
         try:
-            self._observer(
-                CertificateIssued(
-                    identity=device_id,
-                    # a renewal is proven by the current certificate, not by fresh evidence
-                    attested=not isinstance(request, Renew),
-                    firmware_version=firmware.version if firmware is not None else None,
-                    firmware_digest=firmware.digest if firmware is not None else None,
-                )
-            )
+            self._observer(observation)
         except Exception:
             self.metrics["errors.observer"] += 1
-            log.exception("the observer failed on a certificate issued to %s", device_id)
+            log.exception("the observer failed on %r", observation)
 
     def _after_duplicate(
         self,
@@ -383,6 +386,7 @@ class EnrollmentService:
         if key is not None:
             self._forget(key)
         self.metrics[f"rejected.{code.value}"] += 1
+        self._observe(RequestRefused(where.device_id, code.value))
         return Publish(where.response, payload)
 
     def _rate_limited(self, where: RequestTopic, payload: bytes, verdict: RateVerdict) -> Publish:
@@ -394,6 +398,7 @@ class EnrollmentService:
         except ProtocolError as exc:
             request_id = exc.request_id
         self.metrics[f"rejected.{ReasonCode.RATE_LIMITED.value}"] += 1
+        self._observe(RequestRefused(where.device_id, ReasonCode.RATE_LIMITED.value))
         wait = max(1, round(verdict.retry_after))
         detail = f"too many requests ({verdict.scope} limit); retry in about {wait} s"
         if verdict.first:

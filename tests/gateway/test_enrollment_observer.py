@@ -8,9 +8,10 @@ from datetime import timedelta
 import pytest
 from cryptography import x509
 
+from gateway.enrollment.ratelimit import RateLimiter, RateLimits
 from gateway.enrollment.service import EnrollmentService
 from gateway.enrollment.testing import DEFAULT_FIRMWARE, LoopbackGateway, build_enroll, build_renew
-from gateway.observe import CertificateIssued, Observation
+from gateway.observe import CertificateIssued, Observation, RequestRefused
 from gateway.protocol import Firmware, IssuedCertificate
 from gateway.protocol.topics import Channel
 from pki.keys import LocalSigner
@@ -88,7 +89,38 @@ def test_refusals_and_replays_are_not_reported_as_certificates() -> None:
     assert gw.ask("dev-1", request) == first  # a retry is answered from the store
     forged, _ = build_renew("dev-1", LocalSigner.generate(), time=gw.now())
     gw.ask("dev-1", forged, Channel.RENEW)  # refused: not the current key
-    assert len(watch.seen) == 1
+    assert [type(o) for o in watch.seen] == [CertificateIssued, RequestRefused]
+    assert watch.seen[1] == RequestRefused("dev-1", "renewal_signature_invalid")
+
+
+def test_refusals_are_reported_with_their_reason_code_also_for_unknown_devices() -> None:
+    watch = Watch()
+    gw = gateway_with(watch)
+    gw.ask("ghost-7", b"{not json")
+    forged, _ = build_renew("ghost-7", LocalSigner.generate(), time=gw.now())
+    gw.ask("ghost-7", forged, Channel.RENEW)
+    assert watch.seen == [
+        RequestRefused("ghost-7", "malformed"),
+        RequestRefused("ghost-7", "not_enrolled"),
+    ]
+
+
+def test_a_flood_is_reported_one_refusal_per_request() -> None:
+    watch = Watch()
+    gw = LoopbackGateway()
+    limits = RateLimits(per_device_rate=1.0, per_device_burst=2)
+    gw.service = EnrollmentService(
+        gw.store,
+        gw.issuer,
+        gw.policy,
+        gw.clock,
+        observer=watch,
+        rate_limiter=RateLimiter(limits, gw.clock),
+    )
+    for _ in range(10):
+        gw.ask("flooder", b"{}")
+    limited = [o for o in watch.seen if o == RequestRefused("flooder", "rate_limited")]
+    assert len(limited) == 8
 
 
 def test_a_failing_observer_never_costs_the_device_its_certificate() -> None:
