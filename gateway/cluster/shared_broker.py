@@ -39,6 +39,7 @@ from gateway.mosquitto import (
     check_crl,
     dynsec,
 )
+from gateway.observe import Observer
 from gateway.store import IdentityState
 from pki.clock import Clock, SystemClock
 from pki.profile import IdentityKind
@@ -151,6 +152,10 @@ class SyncBatcher:
     """Concurrent ``sync`` calls share round trips: while one batch is with the broker, the
     identities of every call that arrives meanwhile wait together and go as the next batch.
 
+    Superseded: ``MosquittoBroker`` now group-commits every change itself
+    (``gateway.mosquitto.commit``), per identity, so one identity's refused command no longer
+    fails every caller of its batch; ``SharedBrokerControl`` no longer uses this.
+
     The dynamic-security plugin rewrites its whole JSON file once per accepted message (72 ms
     at 1,000 devices, gateway.mosquitto.dynsec), whatever the message holds, so one admission
     per message would cap a fleet's enrollments at about 14 per second for all gateways
@@ -216,15 +221,18 @@ class SharedBrokerControl:
         internal_username: str,
         clock: Clock | None = None,
         on_clone: Callable[[Principal, str, str], None] | None = None,
+        observer: Observer | None = None,
         command_timeout: float = 10.0,
     ) -> None:
-        """``internal_username``: this gateway's own message-client account (``_fg_...``)."""
+        """``internal_username``: this gateway's own message-client account (``_fg_...``).
+        ``observer`` hears every session of a certificate identity on the shared broker (every
+        gateway's admin connection reads the same notices: each gateway's observer hears the
+        whole fleet, not only the devices it enrolled)."""
         self._shared = shared
         self._clock: Clock = clock or SystemClock()
         self._internal_username = dynsec.check_reserved_username(internal_username)
         self._internal_password = secrets.token_urlsafe(32)
         self._account_task: asyncio.Task[None] | None = None
-        self._batcher = SyncBatcher(self._sync_now)
         self._broker = MosquittoBroker(
             Path("."),  # external: nothing is written
             Listeners(
@@ -243,6 +251,7 @@ class SharedBrokerControl:
             internal_password=self._internal_password,
             clock=self._clock,
             on_clone=on_clone,
+            observer=observer,
             command_timeout=command_timeout,
         )
 
@@ -284,7 +293,6 @@ class SharedBrokerControl:
             self._account_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._account_task
-        await self._batcher.close()
         with contextlib.suppress(MosquittoError):
             await self._broker.execute([dynsec.delete_client(self._internal_username)])
         await self._broker.stop()
@@ -295,10 +303,7 @@ class SharedBrokerControl:
         await self._broker.apply(identity_id, state, kind=kind)
 
     async def sync(self, identities: Iterable[IdentityLike]) -> int:
-        """Batched with every other ``sync`` in flight (see ``SyncBatcher``)."""
-        return await self._batcher(identities)
-
-    async def _sync_now(self, identities: list[IdentityLike]) -> int:
+        """Group-committed with every other change in flight (``gateway.mosquitto.commit``)."""
         return await self._broker.sync(identities)
 
     async def kick(self, client_id: str) -> bool:

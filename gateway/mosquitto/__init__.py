@@ -3,9 +3,11 @@
 ``MosquittoBroker`` implements ``gateway.broker_control.BrokerControl``: per-identity dynsec
 roles derived from ``gateway.acl``, quarantine in place, revocation by ``deleteClient`` plus a
 CRL file reloaded with SIGHUP, and enrollment on a second, bridged instance with per-client-id
-ACL patterns. ``config``, ``enrollment`` and ``dynsec`` are pure builders; ``process`` runs and
-supervises each broker; ``sessions`` reads who is connected from their notices; ``crl`` keeps
-the CRL from expiring.
+ACL patterns. ``config``, ``enrollment`` and ``dynsec`` are pure builders; ``commit`` groups
+concurrent dynsec changes into few messages, urgent ones first; ``process`` runs and
+supervises each broker; ``sessions`` reads who is connected from their notices; ``observe``
+says what else Mosquitto can tell about an identity's activity; ``crl`` keeps the CRL from
+expiring.
 """
 
 from gateway.mosquitto.broker import (
@@ -16,6 +18,7 @@ from gateway.mosquitto.broker import (
     ServerTls,
     ServerTlsMaterial,
 )
+from gateway.mosquitto.commit import GroupCommit
 from gateway.mosquitto.config import MosquittoConfig, render_config
 from gateway.mosquitto.crl import CrlKeeper, check_crl, needs_refresh
 from gateway.mosquitto.enrollment import (
@@ -26,6 +29,7 @@ from gateway.mosquitto.enrollment import (
     render_password_file,
 )
 from gateway.mosquitto.errors import MosquittoError, MosquittoReason
+from gateway.mosquitto.observe import DEVICE_PUBLISH_FILTERS, published
 from gateway.mosquitto.process import (
     MosquittoProcess,
     find_dynsec_plugin,
@@ -35,10 +39,12 @@ from gateway.mosquitto.process import (
 from gateway.mosquitto.sessions import Connected, Disconnected, Session, SessionTracker
 
 __all__ = [
+    "DEVICE_PUBLISH_FILTERS",
     "Connected",
     "CrlKeeper",
     "Disconnected",
     "EnrollmentConfig",
+    "GroupCommit",
     "IdentityLike",
     "ListenerPorts",
     "Listeners",
@@ -56,6 +62,7 @@ __all__ = [
     "find_mosquitto",
     "free_port",
     "needs_refresh",
+    "published",
     "render_config",
     "render_enrollment_acl",
     "render_enrollment_config",

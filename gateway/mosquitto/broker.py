@@ -23,13 +23,21 @@ Two ways to run it:
   ``log_dest topic`` (see ``sessions``). Enrollment there is the operator's single broker with
   the shared enrollee role (see ``dynsec`` for what that exposes).
 
-The gateway talks to the plugin through one admin MQTT connection on the internal listener
-and waits for the answer to each batch of commands; a refused command raises
-``MosquittoError(COMMAND_FAILED)`` with the plugin's error text. The same connection reads the
+The gateway talks to the plugin through one admin MQTT connection on the internal listener.
+Every change goes through a group commit (``commit``): one ``$CONTROL`` message in flight,
+the changes that arrive meanwhile together in the next, quarantines, revocations and kicks
+(``apply``, ``kick``) ahead of admissions (``sync``), the changes of one identity in the
+order they were made. A refused command raises ``MosquittoError(COMMAND_FAILED)`` with the
+plugin's error text, in the caller whose change it was. The same connection reads the
 main instance's connection notices; a monitor connection reads the enrollment instance's. From
 them come ``connected()`` and the callbacks ``on_connect(principal, "host:port")`` and
 ``on_disconnect(principal)`` (approximate: notices sent while a connection was down are missed;
-a broker restart counts as every session ending).
+a broker restart counts as every session ending). The ``observer`` (``gateway.observe``) hears
+the same as ``Connected(identity, "host:port")`` and ``Disconnected(identity)``, for
+certificate identities only (devices, operators, services on the operational listener; not
+enrollees, not the gateway's own clients); a takeover is the old session's ``Disconnected``
+then the new one's ``Connected``. What it cannot hear from Mosquitto 2.0.11, see
+``gateway.mosquitto.observe``.
 
 What the bridges cost (loopback, 2 busy cores; an enrollee on TLS sends a QoS 1 request, a
 client with the gateway's credentials answers at QoS 1; median of 380 round trips, 2 ms apart):
@@ -71,6 +79,7 @@ from typing import Protocol
 
 import aiomqtt
 
+from gateway import observe
 from gateway.acl import (
     LISTENER_ENROLLMENT,
     LISTENER_INTERNAL,
@@ -80,6 +89,7 @@ from gateway.acl import (
 )
 from gateway.broker_control import IdentityLike
 from gateway.mosquitto import dynsec
+from gateway.mosquitto.commit import GroupCommit
 from gateway.mosquitto.config import MosquittoConfig, render_config
 from gateway.mosquitto.crl import check_crl
 from gateway.mosquitto.enrollment import (
@@ -98,6 +108,7 @@ from gateway.mosquitto.process import (
     free_port,
 )
 from gateway.mosquitto.sessions import Connected, Session, SessionTracker
+from gateway.observe import Observation, Observer
 from gateway.store import IdentityState
 from pki.clock import Clock, SystemClock
 from pki.profile import IdentityKind, is_identity_name
@@ -211,6 +222,10 @@ def _address_host(address: str) -> str:
     return address.rsplit(":", 1)[0]
 
 
+# Sessions the observer hears of: a certificate's identity on the operational listener, not an
+# enrollee (no identity yet) nor the gateway's own clients.
+_CERTIFICATE_KINDS: frozenset[str] = frozenset({"device", "operator", "service"})
+
 _PRINCIPAL_KIND: dict[IdentityKind, PrincipalKind] = {
     IdentityKind.DEVICE: "device",
     IdentityKind.OPERATOR: "operator",
@@ -239,6 +254,16 @@ class _Link:
     client: aiomqtt.Client | None = None
     last_error: str = ""
     task: asyncio.Task[None] | None = None
+
+
+@dataclass
+class _Lane:
+    """The changes of one identity under way: one at a time, and how many of those waiting
+    are urgent. Mutable state, not a value."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+    urgent: int = 0
 
 
 @dataclass(frozen=True)
@@ -275,8 +300,10 @@ class MosquittoBroker:
         on_clone: Callable[[Principal, str, str], None] | None = None,
         on_connect: Callable[[Principal, str], None] | None = None,
         on_disconnect: Callable[[Principal], None] | None = None,
+        observer: Observer | None = None,
         command_timeout: float = 10.0,
         batch_size: int = 200,
+        batch_seconds: float = 0.03,
     ) -> None:
         if not isinstance(run_dir, Path):
             raise TypeError(f"run_dir must be a Path, not {type(run_dir).__name__}")
@@ -305,10 +332,15 @@ class MosquittoBroker:
             raise ValueError("batch_size must be an int of at least 3 (one identity's commands)")
         if command_timeout <= 0:
             raise ValueError("command_timeout must be positive")
+        if isinstance(batch_seconds, bool) or not isinstance(batch_seconds, int | float):
+            raise TypeError("batch_seconds must be a number")
+        if batch_seconds <= 0:
+            raise ValueError("batch_seconds must be positive")
         for name, callback in (
             ("on_clone", on_clone),
             ("on_connect", on_connect),
             ("on_disconnect", on_disconnect),
+            ("observer", observer),
         ):
             if callback is not None and not callable(callback):
                 raise TypeError(f"{name} must be callable")
@@ -350,6 +382,7 @@ class MosquittoBroker:
         self._on_clone = on_clone
         self._on_connect = on_connect
         self._on_disconnect = on_disconnect
+        self._observer = observer
 
         self._process: MosquittoProcess | None = None
         self._enrollment_process: MosquittoProcess | None = None
@@ -359,6 +392,10 @@ class MosquittoBroker:
         self._enrollment_tracker = SessionTracker()
         self._bridges_ready = asyncio.Event()
         self._enforced: dict[str, dynsec.Enforcement] = {}
+        self._lanes: dict[str, _Lane] = {}
+        self._commit = GroupCommit(
+            self._exchange, max_commands=batch_size, budget=batch_seconds
+        )
         self._admin = _Link(
             name="admin",
             host=admin_host,
@@ -448,6 +485,7 @@ class MosquittoBroker:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        await self._commit.close()
         self._fail_pending("the broker is stopping")
         # the enrollment instance first: its bridge would only retry against a stopped broker
         for process in (self._enrollment_process, self._process):
@@ -462,9 +500,13 @@ class MosquittoBroker:
     async def apply(
         self, identity_id: str, state: IdentityState, *, kind: IdentityKind = IdentityKind.DEVICE
     ) -> None:
-        """Enforce one identity's state now (live sessions included; see ``dynsec``)."""
+        """Enforce one identity's state now (live sessions included; see ``dynsec``), ahead
+        of queued admissions. On a broker we started, a state already in force sends
+        nothing."""
         target = dynsec.Enforcement(identity_id, kind, IdentityState(state))
-        await self._enforce([target], force=True)
+        # A broker we started has no other writer, so what we remember is what holds; an
+        # external one may have been changed by another gateway of the cluster.
+        await self._enforce([target], force=self._external, urgent=True)
 
     async def sync(self, identities: Iterable[IdentityLike]) -> int:
         """Bring every listed identity to its state, sending only what changed since the last
@@ -474,7 +516,7 @@ class MosquittoBroker:
             dynsec.Enforcement(item.id, IdentityKind(item.kind), IdentityState(item.state))
             for item in identities
         ]
-        return await self._enforce(targets, force=False)
+        return await self._enforce(targets, force=False, urgent=False)
 
     async def kick(self, client_id: str) -> bool:
         """Cut ``client_id``'s live sessions, on either instance; True if one was connected as
@@ -492,7 +534,7 @@ class MosquittoBroker:
         known = self._enforced.get(client_id)
         if known is not None and known.state is not IdentityState.REVOKED:
             try:
-                await self.execute(dynsec.kick_commands(client_id))
+                await self.execute(dynsec.kick_commands(client_id), urgent=True)
                 return was_connected
             except MosquittoError as exc:
                 if exc.reason is not MosquittoReason.COMMAND_FAILED:
@@ -608,6 +650,20 @@ class MosquittoBroker:
                 self._on_disconnect(principal)
         except Exception:
             log.exception("%s callback failed", "on_connect" if connected else "on_disconnect")
+        if principal.kind in _CERTIFICATE_KINDS:
+            self._notify(
+                observe.Connected(principal.name, session.address)
+                if connected
+                else observe.Disconnected(principal.name)
+            )
+
+    def _notify(self, observation: Observation) -> None:
+        if self._observer is None:
+            return
+        try:
+            self._observer(observation)
+        except Exception:
+            log.exception("observer failed on %s", type(observation).__name__)
 
     def _restarted(self, instance: _Instance) -> None:
         """A broker process was restarted: every session it had is gone."""
@@ -919,7 +975,10 @@ class MosquittoBroker:
             raise MosquittoError(MosquittoReason.ADMIN_UNAVAILABLE, "admin connection lost")
         return client
 
-    async def _send(self, batch: tuple[dynsec.Command, ...]) -> tuple[dynsec.CommandResult, ...]:
+    async def _exchange(
+        self, batch: tuple[dynsec.Command, ...]
+    ) -> tuple[dynsec.CommandResult, ...]:
+        """One message of commands and its answers in order (``GroupCommit``'s exchange)."""
         client = await self._admin_client()
         batch_id = secrets.token_hex(8)
         future: asyncio.Future[dynsec.Response] = asyncio.get_running_loop().create_future()
@@ -940,59 +999,105 @@ class MosquittoBroker:
                 ) from None
         finally:
             self._pending.pop(batch_id, None)
-        return dynsec.check_results(batch, response)
+        return dynsec.order_results(batch, response)
 
-    async def execute(self, commands: Sequence[dynsec.Command]) -> list[dynsec.CommandResult]:
-        """Send dynsec commands (``gateway.mosquitto.dynsec`` builds them) in batches and
-        return their results; MosquittoError(COMMAND_FAILED) names each refused command."""
+    @property
+    def commit(self) -> GroupCommit:
+        """The group commit every dynsec change goes through (its counters: ``messages``,
+        ``commands``)."""
+        return self._commit
+
+    async def execute(
+        self, commands: Sequence[dynsec.Command], *, urgent: bool = False
+    ) -> list[dynsec.CommandResult]:
+        """Send dynsec commands (``gateway.mosquitto.dynsec`` builds them), in messages of at
+        most ``batch_size`` shared with other callers' changes, and return their results;
+        MosquittoError(COMMAND_FAILED) names each refused command."""
         results: list[dynsec.CommandResult] = []
-        for batch in dynsec.batches(commands, self._batch_size):
-            results.extend(await self._send(batch))
+        for part in dynsec.batches(commands, self._batch_size) if commands else ():
+            results.extend(await self._commit.submit(part, urgent=urgent))
         return results
 
-    async def _enforce(self, targets: list[dynsec.Enforcement], *, force: bool) -> int:
-        """Send each changed target's commands, several identities per message but never one
-        identity split across two, and remember what holds after each answered message."""
-        changed = [t for t in targets if force or self._enforced.get(t.identity) != t]
-        batch: list[dynsec.Command] = []
-        members: list[dynsec.Enforcement] = []
-        for target in changed:
-            known = self._enforced.get(target.identity)
-            provisioned = (
-                known is not None
-                and known.state is not IdentityState.REVOKED
-                and known.kind is target.kind
+    async def _enforce(
+        self, targets: list[dynsec.Enforcement], *, force: bool, urgent: bool
+    ) -> int:
+        """Enforce each target as a unit of its own (``GroupCommit`` puts many in one
+        message); returns how many were sent. Every target is tried; then the first failure is
+        raised (a refused command names every refusal)."""
+        latest = {target.identity: target for target in targets}  # a later entry wins
+        outcomes = await asyncio.gather(
+            *(self._enforce_one(t, force=force, urgent=urgent) for t in latest.values()),
+            return_exceptions=True,
+        )
+        errors = [o for o in outcomes if isinstance(o, BaseException)]
+        for error in errors:
+            if not isinstance(error, MosquittoError):
+                raise error
+        if errors:
+            refused = [e for e in errors if isinstance(e, MosquittoError)]
+            unavailable = [e for e in refused if e.reason is not MosquittoReason.COMMAND_FAILED]
+            if unavailable:
+                raise unavailable[0]
+            failures = tuple(f for e in refused for f in e.failures)
+            raise MosquittoError(
+                MosquittoReason.COMMAND_FAILED,
+                "; ".join(f"{what}: {error}" for what, error in failures),
+                failures=failures,
             )
-            commands = dynsec.enforce_commands(target, provisioned=provisioned)
-            if batch and len(batch) + len(commands) > self._batch_size:
-                await self._flush(batch, members)
-                batch, members = [], []
-            batch.extend(commands)
-            members.append(target)
-        if batch:
-            await self._flush(batch, members)
-        return len(changed)
+        return sum(1 for sent in outcomes if sent is True)
 
-    async def _flush(
-        self, commands: list[dynsec.Command], members: list[dynsec.Enforcement]
-    ) -> None:
+    async def _enforce_one(
+        self, target: dynsec.Enforcement, *, force: bool, urgent: bool
+    ) -> bool:
+        """One identity's change; changes of one identity never overlap (each decides what to
+        send from what the previous one left), and an urgent one takes a queued change of the
+        same identity along to the front. True if commands were sent."""
+        identity = target.identity
+        lane = self._lanes.setdefault(identity, _Lane())
+        lane.users += 1
+        if urgent:
+            lane.urgent += 1
+            self._commit.promote(identity)
         try:
-            await self._send(tuple(commands))
+            async with lane.lock:
+                if not force and self._enforced.get(identity) == target:
+                    return False
+                await self._send_enforcement(target, urgent=lambda: urgent or lane.urgent > 0)
+                return True
+        finally:
+            lane.users -= 1
+            if urgent:
+                lane.urgent -= 1
+            if lane.users == 0:
+                self._lanes.pop(identity, None)
+
+    async def _send_enforcement(
+        self, target: dynsec.Enforcement, *, urgent: Callable[[], bool]
+    ) -> None:
+        identity = target.identity
+        known = self._enforced.get(identity)
+        provisioned = (
+            known is not None
+            and known.state is not IdentityState.REVOKED
+            and known.kind is target.kind
+        )
+        commands = dynsec.enforce_commands(target, provisioned=provisioned)
+        try:
+            results = await self._commit.submit(commands, urgent=urgent(), key=identity)
         except MosquittoError as exc:
-            if exc.reason is not MosquittoReason.COMMAND_FAILED:
+            if exc.reason is not MosquittoReason.COMMAND_FAILED or not provisioned:
                 raise
             # Something changed the plugin's objects behind our back (a role we thought we
             # had is gone): forget what we knew and send the full, idempotent form once.
-            for target in members:
-                self._enforced.pop(target.identity, None)
-            retry = [
-                command
-                for target in members
-                for command in dynsec.enforce_commands(target, provisioned=False)
-            ]
-            await self.execute(retry)
-        for target in members:
-            self._enforced[target.identity] = target
+            self._enforced.pop(identity, None)
+            provisioned = False
+            commands = dynsec.enforce_commands(target, provisioned=False)
+            results = await self._commit.submit(commands, urgent=urgent(), key=identity)
+        if not provisioned:
+            more = dynsec.follow_up(target, commands, results)
+            if more:
+                await self._commit.submit(more, urgent=urgent(), key=identity)
+        self._enforced[identity] = target
 
     async def _take_over(self, client_id: str, link: _Link) -> None:
         """Connect with the same client id through ``link``'s account: Mosquitto drops the

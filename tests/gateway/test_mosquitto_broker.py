@@ -30,6 +30,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
+from gateway import observe
 from gateway.acl import Principal
 from gateway.mosquitto import (
     Listeners,
@@ -40,6 +41,7 @@ from gateway.mosquitto import (
     ServerTlsMaterial,
     dynsec,
 )
+from gateway.observe import Observation
 from gateway.protocol import topics
 from gateway.store import IdentityState
 from pki.ca import CertificateAuthority
@@ -669,11 +671,13 @@ async def test_takeovers_that_are_not_a_device_clone_are_not_reported(
 
 async def test_connections_and_disconnections_are_reported(pki: Pki, tmp_path: Path) -> None:
     seen: list[tuple[str, Principal, str]] = []
+    observed: list[Observation] = []
     broker = await start_broker(
         pki,
         tmp_path / "run",
         on_connect=lambda who, remote: seen.append(("connected", who, remote)),
         on_disconnect=lambda who: seen.append(("disconnected", who, "")),
+        observer=observed.append,
     )
 
     async def reported(count: int) -> list[tuple[str, Principal, str]]:
@@ -703,11 +707,53 @@ async def test_connections_and_disconnections_are_reported(pki: Pki, tmp_path: P
             assert (await reported(6))[5] == ("disconnected", enrollee_b, "")
         await asyncio.sleep(QUIET)
         assert len(seen) == 6  # our own connections (control, monitor, kicks) are silent
+        # the observer hears of certificate identities only: not of enrollees, nor of the
+        # gateway's own clients
+        async with spy(broker) as watcher:
+            await watcher.publish("fg/v1/nothing", b"")
+        [connected, disconnected] = observed
+        assert isinstance(connected, observe.Connected) and connected.identity == "dev-cb"
+        assert connected.remote.rsplit(":", 1)[0] == "127.0.0.1"
+        assert disconnected == observe.Disconnected("dev-cb")
     finally:
         await broker.stop()
 
 
-@pytest.mark.parametrize("callback", ["on_clone", "on_connect", "on_disconnect"])
+async def test_the_observer_sees_a_takeover_end_one_session_and_begin_another(
+    pki: Pki, tmp_path: Path
+) -> None:
+    observed: list[Observation] = []
+
+    def failing_observer(observation: Observation) -> None:
+        observed.append(observation)
+        raise RuntimeError("an observer's bug must not reach the broker")
+
+    broker = await start_broker(pki, tmp_path / "run", observer=failing_observer)
+    try:
+        await broker.apply("dev-ob", IdentityState.ACTIVE)
+        async with device(broker, pki, "dev-ob") as first:
+            await connected_from(broker, "dev-ob", "127.0.0.1")
+            async with device(broker, pki, "dev-ob", bind_address="127.0.0.2"):
+                await asyncio.wait_for(asyncio.shield(first.lost), 3)
+                await connected_from(broker, "dev-ob", "127.0.0.2")
+        deadline = time.monotonic() + 3
+        while len(observed) < 4:
+            assert time.monotonic() < deadline, observed
+            await asyncio.sleep(0.02)
+        kinds = [(type(o).__name__, o.identity) for o in observed]  # type: ignore[union-attr]
+        assert kinds == [
+            ("Connected", "dev-ob"),
+            ("Disconnected", "dev-ob"),
+            ("Connected", "dev-ob"),
+            ("Disconnected", "dev-ob"),
+        ]
+        assert isinstance(observed[2], observe.Connected)
+        assert observed[2].remote.startswith("127.0.0.2:")
+    finally:
+        await broker.stop()
+
+
+@pytest.mark.parametrize("callback", ["on_clone", "on_connect", "on_disconnect", "observer"])
 def test_callbacks_must_be_callable(pki: Pki, tmp_path: Path, callback: str) -> None:
     with pytest.raises(TypeError):
         MosquittoBroker(
@@ -776,6 +822,7 @@ async def test_an_external_broker_is_driven_through_its_admin_account(
 ) -> None:
     managed = await start_broker(pki, tmp_path / "run", admin_password="operator-secret-0123")
     ports = managed.ports
+    observed: list[Observation] = []
     external = MosquittoBroker(
         tmp_path / "unused",
         Listeners("127.0.0.1", ports["enrollment"], ports["operational"], ports["internal"]),
@@ -785,14 +832,25 @@ async def test_an_external_broker_is_driven_through_its_admin_account(
         admin_password="operator-secret-0123",
         internal_username="_fg_other_gateway",
         crl_path=tmp_path / "crl-for-operator.pem",
+        observer=observed.append,
     )
     try:
         await external.start()
         await external.apply("dev-ext", IdentityState.ACTIVE)
+        # another gateway may have changed it since: an external broker's apply always sends
+        sent = external.commit.commands
+        await external.apply("dev-ext", IdentityState.ACTIVE)
+        assert external.commit.commands == sent + 1
         async with spy(external) as watcher, device(external, pki, "dev-ext") as ext:
             assert await watcher.subscribe("fg/#")
             await ext.publish(topics.telemetry("dev-ext"), b"via the operator")
             assert await watcher.next() == (topics.telemetry("dev-ext"), b"via the operator")
+        deadline = time.monotonic() + 3
+        while len(observed) < 2:  # the operator's broker logs to its $SYS topic too
+            assert time.monotonic() < deadline, observed
+            await asyncio.sleep(0.02)
+        assert [type(o) for o in observed] == [observe.Connected, observe.Disconnected]
+        assert {o.identity for o in observed} == {"dev-ext"}  # type: ignore[union-attr]
         crl = pki.crl()
         await external.publish_crl(crl)
         assert (tmp_path / "crl-for-operator.pem").read_bytes() == crl
@@ -807,6 +865,96 @@ async def test_a_refused_command_raises_with_the_plugins_error(broker: Mosquitto
         await broker.execute([dynsec.add_client_role("no-such-client", dynsec.KICK_ROLE)])
     assert caught.value.reason is MosquittoReason.COMMAND_FAILED
     assert caught.value.failures == (("addClientRole no-such-client", "Client not found"),)
+
+
+async def test_concurrent_admissions_share_messages_and_each_device_gets_its_rights(
+    pki: Pki, tmp_path: Path
+) -> None:
+    # a budget no message reaches: the count of messages depends on arrivals only
+    broker = await start_broker(pki, tmp_path / "run", batch_seconds=60.0)
+    try:
+        names = [f"dev-burst{i}" for i in range(30)]
+        before = (broker.commit.messages, broker.commit.commands)
+        changed = await asyncio.gather(
+            *(broker.sync([Record(n, IdentityKind.DEVICE, IdentityState.ACTIVE)]) for n in names)
+        )
+        assert changed == [1] * 30
+        # two commands per new device (each accepted one rewrites the plugin's file); all
+        # arrived while the first message (a cautious 8 commands) was out: one more message
+        assert broker.commit.commands - before[1] == 60
+        assert broker.commit.messages - before[0] == 2
+        async with spy(broker) as watcher, device(broker, pki, names[-1]) as last:
+            assert await watcher.subscribe("fg/#")
+            await last.publish(topics.telemetry(names[-1]), b"admitted")
+            assert await watcher.next() == (topics.telemetry(names[-1]), b"admitted")
+    finally:
+        await broker.stop()
+
+
+async def test_a_refused_command_fails_only_the_change_it_belongs_to(
+    broker: MosquittoBroker, pki: Pki
+) -> None:
+    before = broker.commit.messages
+    good, bad = await asyncio.gather(
+        broker.sync(
+            [
+                Record("dev-g1", IdentityKind.DEVICE, IdentityState.ACTIVE),
+                Record("dev-g2", IdentityKind.DEVICE, IdentityState.ACTIVE),
+            ]
+        ),
+        broker.execute([dynsec.add_client_role("no-such-client", dynsec.KICK_ROLE)]),
+        return_exceptions=True,
+    )
+    assert broker.commit.messages == before + 1  # one message carried all three changes
+    assert good == 2
+    assert isinstance(bad, MosquittoError) and bad.reason is MosquittoReason.COMMAND_FAILED
+    async with spy(broker) as watcher, device(broker, pki, "dev-g2") as g2:
+        assert await watcher.subscribe("fg/#")
+        await g2.publish(topics.telemetry("dev-g2"), b"in")
+        assert await watcher.next() == (topics.telemetry("dev-g2"), b"in")
+
+
+async def test_a_role_left_behind_gets_the_identitys_rights(
+    broker: MosquittoBroker, pki: Pki
+) -> None:
+    # a role of that name exists already (another gateway's, a half-done earlier change),
+    # with no rights: creating it is refused, so its ACLs are set after
+    await broker.execute([dynsec.create_role("dev-dev-left", ())])
+    before = broker.commit.commands
+    assert await broker.sync([Record("dev-left", IdentityKind.DEVICE, IdentityState.ACTIVE)])
+    assert broker.commit.commands - before == 3  # createRole, createClient, then modifyRole
+    async with spy(broker) as watcher, device(broker, pki, "dev-left") as left:
+        assert await watcher.subscribe("fg/#")
+        await left.publish(topics.telemetry("dev-left"), b"rights set")
+        assert await watcher.next() == (topics.telemetry("dev-left"), b"rights set")
+
+
+async def test_a_state_already_in_force_is_not_sent_again(broker: MosquittoBroker) -> None:
+    await broker.apply("dev-same", IdentityState.ACTIVE)
+    sent = broker.commit.commands
+    await broker.apply("dev-same", IdentityState.ACTIVE)  # the gateway's poll, after admission
+    assert await broker.sync([Record("dev-same", IdentityKind.DEVICE, IdentityState.ACTIVE)]) == 0
+    assert broker.commit.commands == sent
+    await broker.apply("dev-same", IdentityState.QUARANTINED)
+    assert broker.commit.commands == sent + 1  # one modifyRole
+
+
+async def test_changes_of_one_identity_land_in_the_order_they_were_made(
+    broker: MosquittoBroker, pki: Pki
+) -> None:
+    """An urgent change (apply) overtakes queued admissions (sync), but never the queued
+    change of its own identity: the last call wins, as it would one after another."""
+    others = [Record(f"dev-o{i}", IdentityKind.DEVICE, IdentityState.ACTIVE) for i in range(6)]
+    await asyncio.gather(
+        *(broker.sync([record]) for record in others),
+        broker.sync([Record("dev-order", IdentityKind.DEVICE, IdentityState.ACTIVE)]),
+        broker.apply("dev-order", IdentityState.QUARANTINED),
+    )
+    async with spy(broker) as watcher, device(broker, pki, "dev-order") as dev:
+        assert await watcher.subscribe("fg/#")
+        await dev.publish(topics.telemetry("dev-order"), b"must not pass")
+        await dev.publish(topics.quarantine("dev-order"), b"quarantined")
+        assert await watcher.next() == (topics.quarantine("dev-order"), b"quarantined")
 
 
 async def test_bad_identity_ids_are_refused_before_reaching_the_broker(

@@ -190,10 +190,11 @@ def test_role_names_are_per_identity_and_kind() -> None:
         dynsec.role_name("device", "dev-a")  # type: ignore[arg-type]
 
 
-def test_first_enforcement_creates_then_sets_and_later_ones_only_set() -> None:
+def test_first_enforcement_creates_with_rights_inline_and_later_ones_only_set() -> None:
     target = Enforcement("dev-a", IdentityKind.DEVICE, IdentityState.QUARANTINED)
     first = dynsec.enforce_commands(target, provisioned=False)
-    assert [c.name for c in first] == ["createRole", "createClient", "modifyRole"]
+    # each accepted command rewrites the plugin's whole file: two, not three
+    assert [c.name for c in first] == ["createRole", "createClient"]
     create_client = first[1].to_json()
     assert create_client == {
         "command": "createClient",
@@ -202,7 +203,8 @@ def test_first_enforcement_creates_then_sets_and_later_ones_only_set() -> None:
     }
     assert "password" not in create_client  # reachable through the certificate only
     later = dynsec.enforce_commands(target, provisioned=True)
-    assert [c.to_json() for c in later] == [first[2].to_json()]
+    assert [c.name for c in later] == ["modifyRole"]
+    assert later[0].args["acls"] == first[0].args["acls"]  # the role was created with them
     renew = topics.renew_response("dev-a")
     acls = later[0].args["acls"]
     assert [(a["acltype"], a["topic"]) for a in acls] == [
@@ -211,6 +213,23 @@ def test_first_enforcement_creates_then_sets_and_later_ones_only_set() -> None:
         ("publishClientReceive", renew),
     ]
     assert all(a["allow"] is True and a["priority"] == 0 for a in acls)
+
+
+def _answers(commands: list[dynsec.Command], *errors: str | None) -> list[dynsec.CommandResult]:
+    pairs = enumerate(zip(commands, errors, strict=True))
+    return [dynsec.CommandResult(c.name, i, e) for i, (c, e) in pairs]
+
+
+def test_a_role_that_existed_gets_its_rights_set_afterwards() -> None:
+    target = Enforcement("dev-a", IdentityKind.DEVICE, IdentityState.ACTIVE)
+    first = dynsec.enforce_commands(target, provisioned=False)
+    assert dynsec.follow_up(target, first, _answers(first, None, None)) == []
+    assert dynsec.follow_up(target, first, _answers(first, None, "Client already exists")) == []
+    [modify] = dynsec.follow_up(target, first, _answers(first, _ROLE_EXISTS, None))
+    assert modify.name == "modifyRole" and modify.args["rolename"] == "dev-dev-a"
+    assert modify.args["acls"] == first[0].args["acls"]
+    with pytest.raises(ValueError):
+        dynsec.follow_up(target, first, _answers(first[:1], None))
 
 
 def test_revocation_deletes_the_client_which_kicks_it() -> None:
