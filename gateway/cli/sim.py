@@ -11,7 +11,7 @@ import typer
 
 from gateway.cli.common import HomeOption, JsonOption, console, fail, print_json, settings_for
 
-MODES = ("normal", "replay", "clone", "flood", "rogue", "tamper", "prober")
+MODES = ("normal", "replay", "clone", "flood", "rogue", "tamper", "prober", "exfil")
 
 
 def _address(text: str) -> tuple[str, int]:

@@ -27,6 +27,12 @@ Modes:
              ``simulators.factory.allow_simulated_firmware``)
     prober   an enrolled device tries other devices' topics: subscriptions, commands,
              impersonated renewals and the retained CRL
+    exfil    an enrolled device behaves for a warm-up, then slowly raises its telemetry volume
+             on its own topic (nothing is refused: only behaviour gives it away); the summary
+             records when each device's behaviour started (``details["behaviour_started"]``)
+
+Runners are registered by mode name; ``run_exfil(options, factory, stop, ramp)`` takes a ramp
+other than the default.
 """
 
 from __future__ import annotations
@@ -38,24 +44,38 @@ from collections.abc import Awaitable, Callable
 from pki.factory import FactoryCA
 from simulators.modes.clone import run_clone
 from simulators.modes.common import Mode, ModeOptions, ModeSummary
+from simulators.modes.exfil import BEHAVIOUR_STARTED, EXFIL, ExfilRamp, Growth, run_exfil
 from simulators.modes.flood import run_flood
 from simulators.modes.normal import run_normal
 from simulators.modes.prober import run_prober
 from simulators.modes.refused import run_rogue, run_tamper
 from simulators.modes.replay import run_replay
 
-__all__ = ["Mode", "ModeOptions", "ModeSummary", "run_mode"]
+__all__ = [
+    "BEHAVIOUR_STARTED",
+    "MODE_NAMES",
+    "ExfilRamp",
+    "Growth",
+    "Mode",
+    "ModeOptions",
+    "ModeSummary",
+    "run_exfil",
+    "run_mode",
+]
 
 Runner = Callable[[ModeOptions, FactoryCA, asyncio.Event], Awaitable[ModeSummary]]
-_RUNNERS: dict[Mode, Runner] = {
-    Mode.NORMAL: run_normal,
-    Mode.REPLAY: run_replay,
-    Mode.CLONE: run_clone,
-    Mode.FLOOD: run_flood,
-    Mode.ROGUE: run_rogue,
-    Mode.TAMPER: run_tamper,
-    Mode.PROBER: run_prober,
+_RUNNERS: dict[str, Runner] = {
+    Mode.NORMAL.value: run_normal,
+    Mode.REPLAY.value: run_replay,
+    Mode.CLONE.value: run_clone,
+    Mode.FLOOD.value: run_flood,
+    Mode.ROGUE.value: run_rogue,
+    Mode.TAMPER.value: run_tamper,
+    Mode.PROBER.value: run_prober,
+    EXFIL: run_exfil,  # with the default ramp
 }
+# Every mode a simulation can run, by name.
+MODE_NAMES = tuple(_RUNNERS)
 
 
 async def run_mode(
@@ -64,7 +84,7 @@ async def run_mode(
     """Run ``options.mode`` against the gateway; ``factory`` is the manufacturer it trusts."""
     stop = stop or asyncio.Event()
     began = time.monotonic()
-    runner = _RUNNERS[options.mode]
+    runner = _RUNNERS[options.mode.value]
     summary: ModeSummary = await runner(options, factory, stop)
     summary.mode = options.mode.value
     summary.seconds = time.monotonic() - began

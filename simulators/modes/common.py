@@ -38,6 +38,7 @@ class Mode(StrEnum):
     ROGUE = "rogue"
     TAMPER = "tamper"
     PROBER = "prober"
+    EXFIL = "exfil"
 
 
 @dataclass(frozen=True)
