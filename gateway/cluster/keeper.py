@@ -3,8 +3,9 @@
 The broker of several gateways must outlive any one of them, so no gateway runs it: a small
 process of its own does, with the code a lone gateway uses for its broker
 (``gateway.mosquitto.MosquittoBroker``, managed: the main and the enrollment instance, their
-configuration, the dynsec file rebuilt from the registry at every start, restarts after a
-crash). The keeper makes no decision and enrolls nobody. It
+configuration, the dynsec file rebuilt from the registry at every start, the device patterns
+that give every active device its rights without a dynsec object, restarts after a crash).
+The keeper makes no decision and enrolls nobody. It
 
 - announces (``enforced``) the audit sequence number its dynsec file was built at, so the first
   leader does not re-send the whole fleet to the broker;

@@ -12,7 +12,10 @@ plugin drop every session of that account: one shared account would have each st
 gateway cut the others' sessions). A keeper that restarts rebuilds the broker's accounts from
 the registry, without the gateways': each gateway checks every few seconds that its account
 is there and creates it again if not (an account that exists costs one refused command, no
-file rewrite).
+file rewrite). Active devices get their rights from the broker's ``acl_file`` patterns
+(``gateway.mosquitto.patterns``), which the keeper writes: admitting a newly certified device
+costs one ``modifyRole`` the plugin refuses without a rewrite when no gateway ever gave that
+device a role (it may have: a quarantine by another gateway).
 """
 
 from __future__ import annotations
@@ -253,6 +256,9 @@ class SharedBrokerControl:
             on_clone=on_clone,
             observer=observer,
             command_timeout=command_timeout,
+            # the keeper's broker has the device patterns (a managed MosquittoBroker): an
+            # active device needs no dynsec object, other gateways' quarantines stay in force
+            device_patterns=True,
         )
 
     @property

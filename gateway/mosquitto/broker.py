@@ -2,8 +2,9 @@
 
 Two ways to run it:
 
-- managed (default): the gateway writes the configuration, certificates, CRL and the dynsec
-  file into ``run_dir`` (mode 0700) and runs two supervised ``mosquitto`` processes on the
+- managed (default): the gateway writes the configuration, certificates, CRL, the dynsec
+  file and the device patterns (``patterns``: active devices' rights, no dynsec object per
+  device) into ``run_dir`` (mode 0700) and runs two supervised ``mosquitto`` processes on the
   given ports (0 = pick a free one). The main instance has the operational listener (mutual
   TLS, dynsec) and the internal one (the gateway's clients, loopback). The enrollment instance
   (``enrollment``) has the enrollment listener (anonymous, server-authenticated TLS, each client
@@ -21,7 +22,10 @@ Two ways to run it:
   ``systemctl reload mosquitto``) for it to take effect. ``connected()``, the connection
   callbacks and clone detection work only if the operator's configuration has
   ``log_dest topic`` (see ``sessions``). Enrollment there is the operator's single broker with
-  the shared enrollee role (see ``dynsec`` for what that exposes).
+  the shared enrollee role (see ``dynsec`` for what that exposes). Active devices get a dynsec
+  client and role each there, unless ``device_patterns=True`` says the broker's ``acl_file``
+  holds ``patterns.render_device_patterns()`` (the cluster's shared broker, whose keeper
+  writes it).
 
 The gateway talks to the plugin through one admin MQTT connection on the internal listener.
 Every change goes through a group commit (``commit``): one ``$CONTROL`` message in flight,
@@ -101,6 +105,7 @@ from gateway.mosquitto.enrollment import (
 )
 from gateway.mosquitto.errors import MosquittoError, MosquittoReason
 from gateway.mosquitto.files import rotate_if_large, write_atomic
+from gateway.mosquitto.patterns import render_device_patterns
 from gateway.mosquitto.process import (
     MosquittoProcess,
     find_dynsec_plugin,
@@ -302,6 +307,7 @@ class MosquittoBroker:
         on_disconnect: Callable[[Principal], None] | None = None,
         observer: Observer | None = None,
         command_timeout: float = 10.0,
+        device_patterns: bool = False,
         batch_size: int = 200,
         batch_seconds: float = 0.03,
     ) -> None:
@@ -361,6 +367,8 @@ class MosquittoBroker:
         self._tls = tls
         self._crl_pem = crl_pem
         self._external = external
+        # A broker we start always has the patterns; an external one only if its owner says so.
+        self._device_patterns = device_patterns or not external
         self._admin_password = admin_password or secrets.token_urlsafe(32)
         self._internal_password = internal_password or secrets.token_urlsafe(32)
         self._bridge_password = secrets.token_urlsafe(32)
@@ -392,6 +400,9 @@ class MosquittoBroker:
         self._enrollment_tracker = SessionTracker()
         self._bridges_ready = asyncio.Event()
         self._enforced: dict[str, dynsec.Enforcement] = {}
+        # identities with a dynsec client and role of their own, as far as we know (with
+        # device patterns, not the active devices that were never anything else)
+        self._provisioned: set[str] = set()
         self._lanes: dict[str, _Lane] = {}
         self._commit = GroupCommit(
             self._exchange, max_commands=batch_size, budget=batch_seconds
@@ -532,7 +543,11 @@ class MosquittoBroker:
             # enrollment instance
             await self._take_over(client_id, self._monitor)
         known = self._enforced.get(client_id)
-        if known is not None and known.state is not IdentityState.REVOKED:
+        if (
+            known is not None
+            and known.state is not IdentityState.REVOKED
+            and client_id in self._provisioned
+        ):
             try:
                 await self.execute(dynsec.kick_commands(client_id), urgent=True)
                 return was_connected
@@ -698,9 +713,16 @@ class MosquittoBroker:
             bridge_username=dynsec.DEFAULT_BRIDGE_USERNAME,
             bridge_password=self._bridge_password,
             identities=targets,
+            device_patterns=self._device_patterns,
         )
         write_atomic(run_dir / "dynsec.json", json.dumps(initial, indent=1).encode())
+        write_atomic(run_dir / "devices.acl", render_device_patterns().encode())
         self._enforced = {t.identity: t for t in targets}
+        self._provisioned = {
+            t.identity
+            for t in targets
+            if dynsec.has_objects(t, device_patterns=self._device_patterns)
+        }
         write_atomic(run_dir / "enrollment.acl", render_enrollment_acl().encode())
         write_atomic(run_dir / "monitor.acl", render_monitor_acl(MONITOR_USERNAME).encode())
         write_atomic(
@@ -755,6 +777,7 @@ class MosquittoBroker:
                 server_key_path=run_dir / "server.key",
                 client_ca_path=run_dir / "client-ca.pem",
                 crl_path=crl_path,
+                device_acl_path=run_dir / "devices.acl",
             )
             config_path = run_dir / "mosquitto.conf"
             write_atomic(config_path, render_config(config).encode())
@@ -1024,6 +1047,9 @@ class MosquittoBroker:
         """Enforce each target as a unit of its own (``GroupCommit`` puts many in one
         message); returns how many were sent. Every target is tried; then the first failure is
         raised (a refused command names every refusal)."""
+        if not self._started:
+            # most changes send nothing now (active devices): say so rather than pretend
+            raise MosquittoError(MosquittoReason.NOT_RUNNING, "start() the broker first")
         latest = {target.identity: target for target in targets}  # a later entry wins
         outcomes = await asyncio.gather(
             *(self._enforce_one(t, force=force, urgent=urgent) for t in latest.values()),
@@ -1076,12 +1102,28 @@ class MosquittoBroker:
     ) -> None:
         identity = target.identity
         known = self._enforced.get(identity)
+        patterns = self._device_patterns
         provisioned = (
             known is not None
-            and known.state is not IdentityState.REVOKED
+            and identity in self._provisioned
             and known.kind is target.kind
+            # without patterns a revoked identity's objects are deleted
+            and (patterns or known.state is not IdentityState.REVOKED)
         )
-        commands = dynsec.enforce_commands(target, provisioned=provisioned)
+
+        def commands_for(provisioned: bool) -> list[dynsec.Command]:
+            return dynsec.enforce_commands(
+                target,
+                provisioned=provisioned,
+                device_patterns=patterns,
+                # a broker we started has no other writer: what we know is what holds
+                certain=not self._external,
+            )
+
+        commands = commands_for(provisioned)
+        if not commands:  # an active device with no dynsec object: the patterns grant it
+            self._enforced[identity] = target
+            return
         try:
             results = await self._commit.submit(commands, urgent=urgent(), key=identity)
         except MosquittoError as exc:
@@ -1090,14 +1132,19 @@ class MosquittoBroker:
             # Something changed the plugin's objects behind our back (a role we thought we
             # had is gone): forget what we knew and send the full, idempotent form once.
             self._enforced.pop(identity, None)
+            self._provisioned.discard(identity)
             provisioned = False
-            commands = dynsec.enforce_commands(target, provisioned=False)
+            commands = commands_for(False)
             results = await self._commit.submit(commands, urgent=urgent(), key=identity)
         if not provisioned:
-            more = dynsec.follow_up(target, commands, results)
+            more = dynsec.follow_up(target, commands, results, device_patterns=patterns)
             if more:
                 await self._commit.submit(more, urgent=urgent(), key=identity)
         self._enforced[identity] = target
+        if provisioned or dynsec.has_objects(target, device_patterns=patterns):
+            self._provisioned.add(identity)
+        else:
+            self._provisioned.discard(identity)
 
     async def _take_over(self, client_id: str, link: _Link) -> None:
         """Connect with the same client id through ``link``'s account: Mosquitto drops the

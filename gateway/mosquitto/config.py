@@ -22,6 +22,9 @@ Decisions, checked against the 2.0.11 manual (mosquitto.conf(5)) and a running 2
 - ``log_dest topic``: notices go to ``$SYS/broker/log/N`` as well as the file, which is how the
   gateway learns who is connected (``sessions``): 2.0 has no API listing clients.
 - ``persistence false``: the registry is the truth; nothing of value lives in the broker.
+- ``acl_file``: active devices' own topics as ``%u`` patterns (``patterns``), consulted only
+  when the dynamic-security plugin has no say (no client of that username, no matching ACL):
+  an active device needs no dynsec object.
 """
 
 from __future__ import annotations
@@ -113,6 +116,7 @@ class MosquittoConfig:
     server_key_path: Path
     client_ca_path: Path  # issuing CA + root: who may present an operational certificate
     crl_path: Path
+    device_acl_path: Path  # ``patterns.render_device_patterns``
     max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES
 
     def __post_init__(self) -> None:
@@ -120,6 +124,7 @@ class MosquittoConfig:
         for name in (
             "plugin_path",
             "dynsec_path",
+            "device_acl_path",
             "log_path",
             "server_cert_path",
             "server_key_path",
@@ -165,6 +170,8 @@ def render_config(config: MosquittoConfig) -> str:
         *common_settings(config.max_queued_messages, config.log_path),
         f"plugin {config.plugin_path}",
         f"plugin_opt_config_file {config.dynsec_path}",
+        # asked only when dynsec defers: active devices' own topics (``patterns``)
+        f"acl_file {config.device_acl_path}",
         "",
         "# internal: the gateway's own clients and the enrollment bridge, password, loopback only",
         f"listener {config.internal_port} 127.0.0.1",

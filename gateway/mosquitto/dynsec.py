@@ -2,28 +2,49 @@
 of the plugin's initial JSON file. No I/O: ``broker`` sends what these return.
 
 How the gateway's topic rules (``gateway.acl``) become dynsec objects, as verified on
-Mosquitto 2.0.11:
+Mosquitto 2.0.11. Two forms, chosen by ``device_patterns``:
 
-- Every certificate identity (device, operator, service) is one dynsec *client* whose username
-  is its identity name (the certificate's CN, via ``use_identity_as_username``), with no
-  password, and one *role* of its own (``dev-<id>``, ``op-<id>``, ``svc-<id>``). 2.0 has no
-  ``%u``/``%c`` substitution in ACL topics (a ``%c`` topic matches only a literal ``%c``), so
-  the rules cannot be shared. A client without a password cannot log in with a username and
-  password (nor with a username alone): only the certificate gets you that username.
-- The role's ACL list is exactly the identity's grants from ``gateway.acl`` in its current
-  state: an exact topic becomes ``publishClientSend``, or ``subscribeLiteral`` plus
-  ``publishClientReceive``; a subtree ``R`` becomes the same types on ``R/#`` with
-  ``subscribePattern``. dynsec's ``subscribePattern`` admits a filter only when every topic the
-  filter can match lies inside the pattern (``R/#`` admits ``R/+/x`` and ``R`` but not ``R/../+``
-  one level up, nor ``#``), which is ``TopicAcl``'s rule for wildcards. Defaults deny
-  everything else, receiving included (2.0 allows receiving by default).
-- Quarantine and release replace the role's ACL list in place with one ``modifyRole``: the
-  switch is atomic and does not disconnect the device (adding or removing a *role* on a client
-  kicks it, editing a role's ACLs does not). Pending is the same role with no ACLs.
-- Revocation is ``deleteClient`` (kicks the session at once; a reconnect with the same
-  certificate finds no client and gets the deny-all defaults) plus the CRL, which refuses the
-  handshake. Not ``disableClient``: a certificate client is never password-checked, so a
-  disabled one reconnects with its rights (eclipse/mosquitto issue 2999).
+With device patterns (every broker we start, and the cluster's shared broker): the main
+instance's ``acl_file`` grants each active device its own topics by ``%u`` pattern
+(``gateway.mosquitto.patterns``), which the broker consults only when this plugin defers.
+
+- An active device has no dynsec object at all: becoming active costs no command. A pending
+  one neither: the operational listener admits only certificates of our issuing CA, the
+  gateway issues one only after the device is active on the broker, and the lifecycle never
+  returns to pending, so no pending identity can present a certificate.
+- Every other certificate identity is one dynsec *client* (username = identity name = the
+  certificate's CN, no password) with one *role* of its own (``dev-<id>``, ``op-<id>``,
+  ``svc-<id>``): its grants from ``gateway.acl``, then explicit denies of everything at the
+  lowest priority (``deny_rest``), so the plugin decides alone and never defers to the
+  patterns. Quarantine is ``createRole`` + ``createClient`` (no disconnect: creating the
+  client of a live username does not kick it), release is ``modifyRole`` with no ACLs (the
+  plugin defers again and the patterns apply; no disconnect either).
+- Revocation keeps the client with a deny-all role and kicks its sessions (``kick_commands``)
+  in the same message: the reconnect finds the deny-all role before the CRL refuses the
+  handshake. Deleting the client would hand a reconnect back to the patterns.
+
+Without (a broker the operator runs, whose configuration we do not write): every identity,
+active devices included, has its client and role, and revocation is ``deleteClient`` (kick;
+with no ``acl_file`` a reconnect that finds no client gets the deny-all defaults). That costs
+two commands per device that becomes active.
+
+Common to both:
+
+- 2.0 has no ``%u``/``%c`` substitution in dynsec ACL topics (a ``%c`` topic matches only a
+  literal ``%c``), hence a role per identity. A client without a password cannot log in with a
+  username and password (nor with a username alone): only the certificate gets you that
+  username.
+- The role's ACL list is the identity's grants in its current state: an exact topic becomes
+  ``publishClientSend``, or ``subscribeLiteral`` plus ``publishClientReceive``; a subtree ``R``
+  becomes the same types on ``R/#`` with ``subscribePattern``. dynsec's ``subscribePattern``
+  admits a filter only when every topic the filter can match lies inside the pattern (``R/#``
+  admits ``R/+/x`` and ``R`` but not ``R/../+`` one level up, nor ``#``), which is
+  ``TopicAcl``'s rule for wildcards. Defaults deny everything else, receiving included (2.0
+  allows receiving by default).
+- Quarantine and release edit the role's ACL list in place (adding or removing a *role* on a
+  client kicks it, editing a role's ACLs does not). Not ``disableClient`` for revocation: a
+  certificate client is never password-checked, so a disabled one reconnects with its rights
+  (eclipse/mosquitto issue 2999).
 - Kicking a live session without changing rights: add then remove an empty role
   (``_fg_kick``) on the client, one message.
 
@@ -49,9 +70,11 @@ accepts (each command handler ends with ``dynsec__config_save()``; a refused one
 creating a role that exists, writes nothing). Measured on 2.0.11 with 1,000 devices in the file
 (1.6 MB): one ``modifyRole`` 16.6 ms, ten in one message 139 ms, fifty 852 ms; a refused
 ``createRole`` 0.7 ms. So batching commands into one message saves round trips, not rewrites;
-what saves rewrites is sending fewer commands. A device that becomes active costs two
-(``createRole`` with its ACLs, ``createClient`` with its role), and a third (``modifyRole``)
-only when its role turned out to exist already (``follow_up``). The plugin of Mosquitto 2.1
+what saves rewrites is sending fewer commands, and a smaller file: with device patterns the
+file holds operators, services and the quarantined and revoked devices only, and a device
+that becomes active costs nothing. Without them it costs two (``createRole`` with its ACLs,
+``createClient`` with its role), and a third (``modifyRole``) only when its role turned out to
+exist already (``follow_up``). The plugin of Mosquitto 2.1
 marks the file dirty per command and writes it once per message; there, batching saves both.
 Every command carries ``correlationData`` (``<batch id>:<index>``) so the answer is matched
 even when other tools use the same control topic; ``gateway.mosquitto.commit`` decides what
@@ -113,18 +136,22 @@ __all__ = [
     "decode_response",
     "delete_client",
     "delete_role",
+    "deny_rest",
     "encode_batch",
     "enforce_commands",
     "enrollee_acls",
     "follow_up",
+    "has_objects",
     "hash_password",
     "identity_acls",
     "initial_config",
     "internal_acls",
     "kick_commands",
     "modify_role_acls",
+    "needs_objects",
     "order_results",
     "remove_client_role",
+    "role_acls",
     "role_name",
     "set_anonymous_group",
     "set_client_password",
@@ -264,6 +291,45 @@ def identity_acls(kind: IdentityKind, identity: str, state: IdentityState) -> tu
     return tuple(acls)
 
 
+# Below every grant: dynsec sorts a role's ACLs by priority, highest first.
+DENY_PRIORITY = -1000
+
+
+def deny_rest() -> tuple[Acl, ...]:
+    """Explicit denies of every application topic at the lowest priority: a matching deny ends
+    the broker's check in the plugin, where no match would hand it to the ``acl_file``
+    patterns. ``#`` matches no ``$`` topic (MQTT 4.7.2): ``$CONTROL`` and ``$SYS`` stay as the
+    role's own ACLs and the defaults say."""
+    return (
+        Acl(AclType.PUBLISH_SEND, "#", allow=False, priority=DENY_PRIORITY),
+        Acl(AclType.PUBLISH_RECEIVE, "#", allow=False, priority=DENY_PRIORITY),
+        Acl(AclType.SUBSCRIBE_PATTERN, "#", allow=False, priority=DENY_PRIORITY),
+    )
+
+
+def needs_objects(kind: IdentityKind, state: IdentityState, *, device_patterns: bool) -> bool:
+    """Whether the identity needs a dynsec client and role of its own: always without device
+    patterns; with them, every identity but an active or pending device (see the module
+    docstring)."""
+    if not device_patterns or kind is not IdentityKind.DEVICE:
+        return True
+    return state not in (IdentityState.ACTIVE, IdentityState.PENDING)
+
+
+def role_acls(
+    kind: IdentityKind, identity: str, state: IdentityState, *, device_patterns: bool
+) -> tuple[Acl, ...]:
+    """The ACL list of the identity's role. With device patterns: none for an active device
+    (the plugin defers, the patterns apply), else its grants then ``deny_rest`` (revoked and
+    pending: ``deny_rest`` alone). Without: its grants (``identity_acls``)."""
+    acls = identity_acls(kind, identity, state)
+    if not device_patterns:
+        return acls
+    if kind is IdentityKind.DEVICE and state is IdentityState.ACTIVE:
+        return ()
+    return (*acls, *deny_rest())
+
+
 def enrollee_acls() -> tuple[Acl, ...]:
     """The shared role of anonymous clients (see the module docstring for what it exposes)."""
     return (
@@ -282,6 +348,7 @@ def bridge_acls() -> tuple[Acl, ...]:
         Acl(AclType.PUBLISH_SEND, topics.ENROLL_REQUEST_FILTER),
         Acl(AclType.SUBSCRIBE_LITERAL, ENROLL_RESPONSE_FILTER),
         Acl(AclType.PUBLISH_RECEIVE, ENROLL_RESPONSE_FILTER),
+        *deny_rest(),  # nothing of the device patterns either
     )
 
 
@@ -304,6 +371,7 @@ def admin_acls() -> tuple[Acl, ...]:
         Acl(AclType.SUBSCRIBE_PATTERN, control),
         Acl(AclType.PUBLISH_RECEIVE, "$SYS/#"),
         Acl(AclType.SUBSCRIBE_PATTERN, "$SYS/#"),
+        *deny_rest(),  # nothing of the device patterns either
     )
 
 
@@ -343,11 +411,13 @@ def create_role(name: str, acls: Iterable[Acl] = ()) -> Command:
     )
 
 
-def modify_role_acls(name: str, acls: Iterable[Acl]) -> Command:
-    """Replace the role's whole ACL list at once (no disconnect of its clients)."""
+def modify_role_acls(name: str, acls: Iterable[Acl], *, if_exists: bool = False) -> Command:
+    """Replace the role's whole ACL list at once (no disconnect of its clients). ``if_exists``:
+    a missing role is no error (nothing to change there; the refusal writes nothing)."""
     return Command(
         "modifyRole",
         {"rolename": _check_str(name, "role name"), "acls": [a.to_json() for a in acls]},
+        frozenset({_NO_ROLE}) if if_exists else frozenset(),
     )
 
 
@@ -444,44 +514,86 @@ class Enforcement:
         return role_name(self.kind, self.identity)
 
 
-def enforce_commands(target: Enforcement, *, provisioned: bool) -> list[Command]:
+def enforce_commands(
+    target: Enforcement,
+    *,
+    provisioned: bool,
+    device_patterns: bool = False,
+    certain: bool = True,
+) -> list[Command]:
     """Commands that bring one identity's dynsec objects to ``target``.
 
     ``provisioned`` says the client and role are known to exist (then one ``modifyRole``
     suffices); otherwise they are created with the role's ACLs inline, and creating what
     exists is tolerated, so the list is safe to send again. A role that existed keeps its old
-    ACLs: send ``follow_up`` of the answers next.
+    ACLs: send ``follow_up`` of the answers next. ``certain``: nobody else changes the plugin
+    (a broker we started), so an identity we never gave objects has none; otherwise an active
+    or pending device's role, if another gateway made one, is set anyway (one command, which
+    the plugin refuses without a rewrite when there is no such role).
     """
     if not isinstance(target, Enforcement):
         raise TypeError(f"target must be an Enforcement, not {type(target).__name__}")
+    role = target.role
     if target.state is IdentityState.REVOKED:
-        return [delete_client(target.identity), delete_role(target.role)]
-    acls = identity_acls(target.kind, target.identity, target.state)
+        if not device_patterns:
+            return [delete_client(target.identity), delete_role(role)]
+        # deny first, then cut: the reconnect finds the deny-all role (one message, so no
+        # other command of the plugin's comes in between)
+        kick = kick_commands(target.identity)
+        if provisioned:
+            return [modify_role_acls(role, deny_rest()), *kick]
+        return [
+            create_role(role, deny_rest()),
+            modify_role_acls(role, deny_rest()),  # the role may exist with other ACLs
+            create_client(target.identity, roles=[role]),
+            *kick,
+        ]
+    acls = role_acls(target.kind, target.identity, target.state, device_patterns=device_patterns)
+    if not needs_objects(target.kind, target.state, device_patterns=device_patterns):
+        if provisioned:
+            return [modify_role_acls(role, acls)]
+        return [] if certain else [modify_role_acls(role, acls, if_exists=True)]
     if provisioned:
-        return [modify_role_acls(target.role, acls)]
+        return [modify_role_acls(role, acls)]
     return [
-        create_role(target.role, acls),
-        create_client(target.identity, roles=[target.role]),
+        create_role(role, acls),
+        create_client(target.identity, roles=[role]),
     ]
 
 
 def follow_up(
-    target: Enforcement, commands: Sequence[Command], results: Sequence[CommandResult]
+    target: Enforcement,
+    commands: Sequence[Command],
+    results: Sequence[CommandResult],
+    *,
+    device_patterns: bool = False,
 ) -> list[Command]:
     """What ``enforce_commands(target, provisioned=False)`` left undone, judged from its
     answers: the role existed already (created earlier, or by another gateway), so its ACLs
     are set with one ``modifyRole``. Empty in the usual case: one rewrite fewer per device."""
     if len(commands) != len(results):
         raise ValueError("one result per command")
+    if any(c.name == "modifyRole" and c.args.get("rolename") == target.role for c in commands):
+        return []  # set in the same message already
     for command, result in zip(commands, results, strict=True):
         if (
             command.name == "createRole"
             and command.args.get("rolename") == target.role
             and result.error == _EXISTS_ROLE
         ):
-            acls = identity_acls(target.kind, target.identity, target.state)
+            acls = role_acls(
+                target.kind, target.identity, target.state, device_patterns=device_patterns
+            )
             return [modify_role_acls(target.role, acls)]
     return []
+
+
+def has_objects(target: Enforcement, *, device_patterns: bool) -> bool:
+    """Whether a client and role of the identity exist once ``target`` is enforced from
+    scratch (``enforce_commands(provisioned=False)`` or ``initial_config``)."""
+    if target.state is IdentityState.REVOKED:
+        return device_patterns  # kept with a deny-all role; deleted without patterns
+    return needs_objects(target.kind, target.state, device_patterns=device_patterns)
 
 
 def kick_commands(username: str) -> list[Command]:
@@ -648,6 +760,7 @@ def initial_config(
     bridge_username: str,
     bridge_password: str,
     identities: Iterable[Enforcement] = (),
+    device_patterns: bool = True,
     random_bytes: Callable[[int], bytes] = os.urandom,
 ) -> dict[str, Any]:
     """The plugin's JSON file for a broker we start: our fixed objects plus every identity in
@@ -683,11 +796,15 @@ def initial_config(
         if target.identity in seen:
             raise ValueError(f"identity {target.identity!r} is listed twice")
         seen.add(target.identity)
-        if target.state is IdentityState.REVOKED:
+        if not has_objects(target, device_patterns=device_patterns):
             continue
-        roles.append(
-            _role_json(target.role, identity_acls(target.kind, target.identity, target.state))
-        )
+        if target.state is IdentityState.REVOKED:
+            acls: tuple[Acl, ...] = deny_rest()
+        else:
+            acls = role_acls(
+                target.kind, target.identity, target.state, device_patterns=device_patterns
+            )
+        roles.append(_role_json(target.role, acls))
         clients.append({"username": target.identity, "roles": [{"rolename": target.role}]})
     # no anonymous group: the main instance refuses anonymous clients (``config``)
     return {

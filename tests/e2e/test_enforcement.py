@@ -143,8 +143,8 @@ class Peer:
         codes = await self.client.subscribe(topic_filter, qos=1)
         return all(getattr(code, "value", code) < 0x80 for code in codes)
 
-    async def publish(self, topic: str, payload: bytes) -> None:
-        await self.client.publish(topic, payload, qos=1)
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        await self.client.publish(topic, payload, qos=1, retain=retain)
 
     def saw(self, topic: str, payload: bytes) -> bool:
         return (topic, payload) in self.seen
@@ -282,7 +282,11 @@ async def test_a_device_reaches_its_own_topics_and_no_other_devices(gateway_and_
             f"fg/v1/dev/{a.id}/#",
             "#",
         ):
-            assert not await dev_b.subscribe(stolen), stolen
+            granted = await dev_b.subscribe(stolen)
+            # Mosquitto 2.0.11's acl_file grants every SUBACK (its subscribe check is
+            # unfinished upstream) and judges each delivery instead: what matters is that b
+            # receives nothing of a's, asserted at the end (dev_b.seen == []).
+            assert not granted or gateway.broker_kind == "mosquitto", stolen
         assert await dev_a.subscribe(topics.commands_filter(a.id))
         assert await dev_b.subscribe(topics.commands_filter(b.id))
 
@@ -301,7 +305,10 @@ async def test_a_device_reaches_its_own_topics_and_no_other_devices(gateway_and_
         await dev_a.expect(topics.command(a.id, "blink"), b"for a")
         await asyncio.sleep(QUIET)
         assert [m for m in watch.seen if m[1] == b"forged"] == []
-        assert dev_b.seen == []
+        # the retained CA and CRL are every device's to read (a wildcard granted on Mosquitto
+        # brings them); nothing else reaches b
+        public = (topics.CA_TOPIC, topics.CRL_TOPIC)
+        assert [m for m in dev_b.seen if m[0] not in public] == []
         assert dev_a.seen == [(topics.command(a.id, "blink"), b"for a")]
 
 
@@ -669,11 +676,14 @@ async def test_mosquitto_clients_with_an_issued_certificate(
         received = await listener
         assert received.returncode == 0, received.stderr
         assert received.stdout.strip() == "for the shell"
+    # another device's retained telemetry never reaches it, whatever the SUBACK said
+    # (Mosquitto 2.0.11 grants every subscription under acl_file and judges each delivery)
+    async with observer(gateway) as watch:
+        await watch.publish(topics.telemetry("th-other"), b"not for a", retain=True)
     denied = await asyncio.to_thread(
         mosquitto_client, "mosquitto_sub", gateway, a, files,
         "-t", topics.telemetry("th-other"), "-W", "2",
     )  # fmt: skip
-    assert "All subscription requests were denied" in denied.stderr
     assert denied.stdout == ""
 
 

@@ -195,8 +195,8 @@ class Peer:
         codes = await self.client.subscribe(topic_filter, qos=1)
         return all(getattr(code, "value", code) < 0x80 for code in codes)
 
-    async def publish(self, topic: str, payload: bytes) -> None:
-        await self.client.publish(topic, payload, qos=1)
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        await self.client.publish(topic, payload, qos=1, retain=retain)
 
     async def next(self, timeout: float = 3.0, ignore: tuple[str, ...] = ()) -> tuple[str, bytes]:
         """The next message whose topic is not in ``ignore`` (a spy's echoes of its own)."""
@@ -312,11 +312,15 @@ async def test_device_reaches_its_own_topics_and_no_other_devices(
         broker, pki, "dev-b"
     ) as b:
         assert await watcher.subscribe("fg/#")
+        await watcher.publish(topics.command("dev-a", "retained"), b"kept for a", retain=True)
+        assert await watcher.next() == (topics.command("dev-a", "retained"), b"kept for a")
+        # An active device's rights are the acl_file patterns, and 2.0's acl_file grants every
+        # SUBSCRIBE: b may subscribe wide, yet nothing of a's reaches it, retained or live
+        # (every delivery is checked against the patterns).
         for stolen in (topics.telemetry("dev-a"), "fg/v1/dev/+/telemetry", "#", "fg/v1/dev/#"):
-            assert not await b.subscribe(stolen), stolen
+            await b.subscribe(stolen)
         assert await b.subscribe(topics.commands_filter("dev-b"))
         assert await b.subscribe(topics.CA_TOPIC)
-        assert not await b.subscribe("fg/v1/pki/+")
 
         await a.publish(topics.telemetry("dev-a"), b"21.5")
         assert await watcher.next() == (topics.telemetry("dev-a"), b"21.5")
@@ -397,18 +401,25 @@ async def test_revocation_cuts_the_session_and_the_crl_refuses_the_certificate(
     assert b"certificate revoked" in result.stdout + result.stderr
 
 
-async def test_pending_and_unknown_certificates_get_no_rights(
+async def test_pending_costs_nothing_and_a_certificate_alone_gets_only_its_own_topics(
     broker: MosquittoBroker, pki: Pki
 ) -> None:
+    """A pending identity has no certificate (the gateway issues one only after admitting the
+    device, and nothing returns to pending), so pending sends the broker nothing. A
+    certificate of our CA is the proof of an activation: the patterns give its CN its own
+    topics and nothing of anyone else's, whatever the gateway told the broker."""
+    sent = broker.commit.commands
     await broker.apply("dev-p", IdentityState.PENDING)
+    assert broker.commit.commands == sent
     await broker.apply("dev-live", IdentityState.ACTIVE)
-    async with spy(broker) as watcher, device(broker, pki, "dev-p") as p, device(
-        broker, pki, "dev-unknown"
-    ) as unknown, device(broker, pki, "dev-live") as live:
+    async with spy(broker) as watcher, device(broker, pki, "dev-unknown") as unknown, device(
+        broker, pki, "dev-live"
+    ) as live:
         assert await watcher.subscribe("fg/#")
-        for peer, name in ((p, "dev-p"), (unknown, "dev-unknown")):
-            assert not await peer.subscribe(topics.commands_filter(name))
-            await peer.publish(topics.telemetry(name), b"not yet")
+        await unknown.publish(topics.telemetry("dev-live"), b"forged")
+        await unknown.publish(topics.quarantine("dev-unknown"), b"not its topic")
+        await unknown.publish(topics.telemetry("dev-unknown"), b"its own")
+        assert await watcher.next() == (topics.telemetry("dev-unknown"), b"its own")
         await live.publish(topics.telemetry("dev-live"), b"marker")
         assert await watcher.next() == (topics.telemetry("dev-live"), b"marker")
 
@@ -768,6 +779,8 @@ async def test_mosquitto_clients_with_an_issued_certificate(
     await broker.apply("dev-cli", IdentityState.ACTIVE)
     async with spy(broker) as watcher:
         assert await watcher.subscribe("fg/#")
+        await watcher.publish(topics.telemetry("dev-other"), b"retained", retain=True)
+        assert await watcher.next() == (topics.telemetry("dev-other"), b"retained")
         denied = await asyncio.to_thread(
             _mosquitto_client, "mosquitto_pub", broker, pki,
             "-t", topics.telemetry("dev-other"), "-m", "forged",
@@ -784,7 +797,8 @@ async def test_mosquitto_clients_with_an_issued_certificate(
         _mosquitto_client, "mosquitto_sub", broker, pki,
         "-t", topics.telemetry("dev-other"), "-W", "2",
     )  # fmt: skip
-    assert "denied" in sub.stderr
+    # granted (2.0's acl_file grants every SUBSCRIBE) but nothing flows, retained included
+    assert sub.stdout == "" and "Timed out" in sub.stderr
 
 
 async def test_identities_from_the_registry_are_enforced_from_the_first_connection(
@@ -879,8 +893,17 @@ async def test_concurrent_admissions_share_messages_and_each_device_gets_its_rig
             *(broker.sync([Record(n, IdentityKind.DEVICE, IdentityState.ACTIVE)]) for n in names)
         )
         assert changed == [1] * 30
-        # two commands per new device (each accepted one rewrites the plugin's file); all
-        # arrived while the first message (a cautious 8 commands) was out: one more message
+        # an active device's rights are the acl_file patterns: no dynsec command at all
+        assert (broker.commit.messages, broker.commit.commands) == before
+        quarantined = [f"dev-q{i}" for i in range(30)]
+        await asyncio.gather(
+            *(
+                broker.sync([Record(n, IdentityKind.DEVICE, IdentityState.QUARANTINED)])
+                for n in quarantined
+            )
+        )
+        # two commands per newly quarantined device (each accepted one rewrites the plugin's
+        # file); all arrived while the first message (a cautious 8 commands) was out
         assert broker.commit.commands - before[1] == 60
         assert broker.commit.messages - before[0] == 2
         async with spy(broker) as watcher, device(broker, pki, names[-1]) as last:
@@ -918,15 +941,17 @@ async def test_a_role_left_behind_gets_the_identitys_rights(
     broker: MosquittoBroker, pki: Pki
 ) -> None:
     # a role of that name exists already (another gateway's, a half-done earlier change),
-    # with no rights: creating it is refused, so its ACLs are set after
-    await broker.execute([dynsec.create_role("dev-dev-left", ())])
+    # with every right: creating it is refused, so its ACLs are set after
+    await broker.execute([dynsec.create_role("dev-dev-left", dynsec.internal_acls())])
     before = broker.commit.commands
-    assert await broker.sync([Record("dev-left", IdentityKind.DEVICE, IdentityState.ACTIVE)])
+    quarantined = Record("dev-left", IdentityKind.DEVICE, IdentityState.QUARANTINED)
+    assert await broker.sync([quarantined])
     assert broker.commit.commands - before == 3  # createRole, createClient, then modifyRole
     async with spy(broker) as watcher, device(broker, pki, "dev-left") as left:
         assert await watcher.subscribe("fg/#")
-        await left.publish(topics.telemetry("dev-left"), b"rights set")
-        assert await watcher.next() == (topics.telemetry("dev-left"), b"rights set")
+        await left.publish(topics.telemetry("dev-left"), b"must not pass")
+        await left.publish(topics.quarantine("dev-left"), b"rights set")
+        assert await watcher.next() == (topics.quarantine("dev-left"), b"rights set")
 
 
 async def test_a_state_already_in_force_is_not_sent_again(broker: MosquittoBroker) -> None:
@@ -936,7 +961,12 @@ async def test_a_state_already_in_force_is_not_sent_again(broker: MosquittoBroke
     assert await broker.sync([Record("dev-same", IdentityKind.DEVICE, IdentityState.ACTIVE)]) == 0
     assert broker.commit.commands == sent
     await broker.apply("dev-same", IdentityState.QUARANTINED)
-    assert broker.commit.commands == sent + 1  # one modifyRole
+    assert broker.commit.commands == sent + 2  # createRole, createClient
+    await broker.apply("dev-same", IdentityState.QUARANTINED)
+    assert broker.commit.commands == sent + 2
+    await broker.apply("dev-same", IdentityState.ACTIVE)  # release: the role loses its ACLs
+    await broker.apply("dev-same", IdentityState.QUARANTINED)
+    assert broker.commit.commands == sent + 4  # one modifyRole each
 
 
 async def test_changes_of_one_identity_land_in_the_order_they_were_made(

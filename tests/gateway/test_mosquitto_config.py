@@ -36,6 +36,7 @@ def config(**change: object) -> MosquittoConfig:
         "server_key_path": RUN / "server.key",
         "client_ca_path": RUN / "client-ca.pem",
         "crl_path": RUN / "crl.pem",
+        "device_acl_path": RUN / "devices.acl",
     }
     values.update(change)
     return MosquittoConfig(**values)  # type: ignore[arg-type]
@@ -101,6 +102,7 @@ def test_global_options_follow_the_recipe() -> None:
         "log_timestamp true",
         "plugin /usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
         f"plugin_opt_config_file {RUN}/dynsec.json",
+        f"acl_file {RUN}/devices.acl",  # asked only when dynsec defers
     ]
 
 

@@ -339,7 +339,7 @@ def test_password_hash_matches_what_mosquitto_ctrl_wrote() -> None:
         dynsec.hash_password("x", salt, 0)
 
 
-def test_initial_file_holds_our_objects_and_every_identity_not_revoked() -> None:
+def test_initial_file_holds_our_objects_and_every_identity_the_patterns_do_not_cover() -> None:
     salts = iter([b"A" * 12, b"B" * 12, b"C" * 12])
     config = dynsec.initial_config(
         admin_username="_fg_admin",
@@ -351,6 +351,8 @@ def test_initial_file_holds_our_objects_and_every_identity_not_revoked() -> None
         identities=[
             Enforcement("dev-a", IdentityKind.DEVICE, IdentityState.ACTIVE),
             Enforcement("dev-r", IdentityKind.DEVICE, IdentityState.REVOKED),
+            Enforcement("dev-q", IdentityKind.DEVICE, IdentityState.QUARANTINED),
+            Enforcement("dev-p", IdentityKind.DEVICE, IdentityState.PENDING),
             Enforcement("alice", IdentityKind.OPERATOR, IdentityState.ACTIVE),
         ],
         random_bytes=lambda n: next(salts),
@@ -364,18 +366,22 @@ def test_initial_file_holds_our_objects_and_every_identity_not_revoked() -> None
     # the main instance admits no anonymous client: no anonymous group, no enrollee role
     assert "anonymousGroup" not in config and config["groups"] == []
     clients = {c["username"]: c for c in config["clients"]}
-    assert set(clients) == {"_fg_admin", "_fg_gateway", "_fg_bridge", "dev-a", "alice"}
+    # active and pending devices are the patterns' (no certificate can name a pending one);
+    # a revoked one keeps a client whose role denies everything
+    assert set(clients) == {"_fg_admin", "_fg_gateway", "_fg_bridge", "dev-r", "dev-q", "alice"}
     admin = clients["_fg_admin"]
     expected = hashlib.pbkdf2_hmac("sha512", b"admin-pw", b"A" * 12, dynsec.PASSWORD_ITERATIONS)
     assert base64.b64decode(admin["password"]) == expected
     assert clients["_fg_bridge"]["roles"] == [{"rolename": dynsec.BRIDGE_ROLE}]
     for secret in ("admin-pw", "internal-pw", "bridge-pw"):
         assert secret not in json.dumps(config)
-    assert "password" not in clients["dev-a"]
+    assert "password" not in clients["dev-q"]
     roles = {r["rolename"]: r["acls"] for r in config["roles"]}
-    assert {"dev-dev-a", "op-alice", dynsec.KICK_ROLE, dynsec.BRIDGE_ROLE} <= set(roles)
+    assert {"dev-dev-q", "op-alice", dynsec.KICK_ROLE, dynsec.BRIDGE_ROLE} <= set(roles)
     assert dynsec.ENROLLEE_ROLE not in roles
-    assert "dev-dev-r" not in roles and roles[dynsec.KICK_ROLE] == []
+    assert roles["dev-dev-r"] == [a.to_json() for a in dynsec.deny_rest()]
+    assert roles[dynsec.KICK_ROLE] == []
+    assert "dev-dev-a" not in roles and "dev-dev-p" not in roles
 
 
 @pytest.mark.parametrize(
@@ -438,3 +444,86 @@ def test_values_are_checked_on_construction() -> None:
         dynsec.set_default_acl_access({"publishEverything": True})
     with pytest.raises(TypeError):
         dynsec.set_default_acl_access({"subscribe": "no"})  # type: ignore[dict-item]
+
+
+def _with_patterns(acls: tuple[Acl, ...], name: str, action: Action, topic: str) -> bool:
+    """The 2.0.11 chain: a matching role ACL decides (allow or deny); no match defers to the
+    acl_file patterns (an active device's own topics)."""
+    if action is not Action.SUBSCRIBE and ("+" in topic or "#" in topic):
+        return False
+    types = {
+        Action.SUBSCRIBE: {AclType.SUBSCRIBE_LITERAL, AclType.SUBSCRIBE_PATTERN},
+        Action.PUBLISH: {AclType.PUBLISH_SEND},
+        Action.RECEIVE: {AclType.PUBLISH_RECEIVE},
+    }[action]
+    for acl in sorted((a for a in acls if a.acltype in types), key=lambda a: -a.priority):
+        if acl.acltype is AclType.SUBSCRIBE_LITERAL:
+            matched = acl.topic == topic
+        elif acl.acltype is AclType.SUBSCRIBE_PATTERN:
+            matched = _sub_within(acl.topic, topic)
+        else:
+            matched = topics.topic_matches(acl.topic, topic)
+        if matched:
+            return acl.allow
+    if action is Action.SUBSCRIBE:
+        return True  # 2.0's acl_file grants every subscription; deliveries are checked
+    active = TopicAcl(lambda identity: IdentityState.ACTIVE)
+    return active.allows(Principal("device", name, "operational"), action, topic)
+
+
+@pytest.mark.parametrize(
+    ("kind", "state"),
+    [
+        (kind, state)
+        for kind, state in itertools.product(IdentityKind, IdentityState)
+        if not (kind is IdentityKind.DEVICE and state is IdentityState.ACTIVE)
+    ],
+    ids=lambda v: str(v),
+)
+def test_roles_beside_the_patterns_still_allow_exactly_the_topic_acl(
+    kind: IdentityKind, state: IdentityState
+) -> None:
+    """Every identity with a role is judged by the plugin alone: the patterns never add to a
+    quarantined device's, an operator's or a revoked identity's rights."""
+    name = "gateway" if kind is IdentityKind.SERVICE else "dev-a"
+    if state is IdentityState.REVOKED:
+        acls = dynsec.deny_rest()
+    else:
+        acls = dynsec.role_acls(kind, name, state, device_patterns=True)
+    rules = TopicAcl(lambda identity: state if identity == name else None)
+    principal = Principal(_KIND[kind], name, "operational")  # type: ignore[arg-type]
+    for topic, action in itertools.product(CORPUS, Action):
+        if topic.startswith("$"):
+            continue  # "#" matches no $ topic; see the test above
+        expected = rules.allows(principal, action, topic)
+        assert _with_patterns(acls, name, action, topic) == expected, (action, topic)
+
+
+def test_with_patterns_an_active_device_costs_nothing_unless_it_had_a_role() -> None:
+    active = Enforcement("dev-a", IdentityKind.DEVICE, IdentityState.ACTIVE)
+    assert dynsec.enforce_commands(active, provisioned=False, device_patterns=True) == []
+    # released from quarantine: its role loses every ACL and the patterns apply again
+    [release] = dynsec.enforce_commands(active, provisioned=True, device_patterns=True)
+    assert release.to_json() == {"command": "modifyRole", "rolename": "dev-dev-a", "acls": []}
+    # another gateway may have given it a role: emptied if there, harmless if not
+    [unsure] = dynsec.enforce_commands(
+        active, provisioned=False, device_patterns=True, certain=False
+    )
+    assert unsure.name == "modifyRole" and "Role not found" in unsure.tolerated
+    pending = Enforcement("dev-a", IdentityKind.DEVICE, IdentityState.PENDING)
+    assert dynsec.enforce_commands(pending, provisioned=False, device_patterns=True) == []
+
+
+def test_with_patterns_revocation_denies_then_cuts_in_one_message() -> None:
+    target = Enforcement("dev-a", IdentityKind.DEVICE, IdentityState.REVOKED)
+    fresh = dynsec.enforce_commands(target, provisioned=False, device_patterns=True)
+    assert [c.name for c in fresh] == [
+        "createRole", "modifyRole", "createClient", "addClientRole", "removeClientRole",
+    ]  # fmt: skip
+    deny = [a.to_json() for a in dynsec.deny_rest()]
+    assert fresh[0].args["acls"] == deny and fresh[1].args["acls"] == deny
+    # the client is kept (deleting it would hand a reconnect back to the patterns)
+    assert "deleteClient" not in [c.name for c in fresh]
+    assert dynsec.follow_up(target, fresh, _answers(fresh, _ROLE_EXISTS, *[None] * 4)) == []
+    known = dynsec.enforce_commands(target, provisioned=True, device_patterns=True)
+    assert [c.name for c in known] == ["modifyRole", "addClientRole", "removeClientRole"]
