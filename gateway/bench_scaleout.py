@@ -14,6 +14,12 @@ On a machine with fewer cores than processes the wall-clock figure cannot grow w
 of gateways: the gateways, the broker, PostgreSQL and the simulated fleet share the same cores.
 The figure that must hold is CPU per enrollment, which adding gateways should not raise by more
 than the work each gateway repeats (its polling, its broker connections).
+
+That repeated work is measured apart: before its fleet, each round reads the gateways' CPU for
+``idle_seconds`` with nothing to do (the leader's audit-head poll, the leader-lock checks,
+keep-alives). ``gateway_cpu_ms_per_enrollment_less_idle`` takes that rate times the round's
+duration out of the total, so what is left is the CPU the enrollments themselves cost; at a
+few tens of enrollments per second a gateway's idle cost is a visible share of the total.
 """
 
 from __future__ import annotations
@@ -23,11 +29,15 @@ import contextlib
 import os
 import secrets
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +46,33 @@ from gateway.bench.machine import describe_machine
 from gateway.bench.procstat import sample
 from gateway.config import DATABASE_ENV
 
-__all__ = ["ScaleoutOptions", "render_scaleout", "run_scaleout_bench"]
+__all__ = [
+    "ScaleoutError",
+    "ScaleoutOptions",
+    "ScaleoutReason",
+    "render_scaleout",
+    "run_scaleout_bench",
+    "summarize",
+]
 
 _READY_SECONDS = 90.0
+_LEADING = "leading the cluster as"  # what the leader logs once it took over
+
+
+class ScaleoutReason(StrEnum):
+    DATABASE = "database_unavailable"  # the server refused a connection or a CREATE DATABASE
+    PROCESS_EXITED = "process_exited"  # the keeper or a gateway stopped during its start
+    NOT_READY = "process_not_ready"  # ... or did not say it was running in time
+    FLEET_TIMEOUT = "fleet_timeout"  # not every device enrolled within the round's timeout
+
+
+class ScaleoutError(Exception):
+    """A round that could not run or finish; ``reason`` is stable, ``detail`` for people."""
+
+    def __init__(self, reason: ScaleoutReason, detail: str) -> None:
+        self.reason = ScaleoutReason(reason)
+        self.detail = detail
+        super().__init__(f"{self.reason.value}: {detail}")
 
 
 @dataclass(frozen=True)
@@ -48,6 +82,10 @@ class ScaleoutOptions:
     devices: int = 500
     concurrency: int = 96
     timeout: float = 600.0  # per round
+    idle_seconds: float = 10.0  # the gateways' CPU with nothing to do, read before each fleet
+    # Passes over the counts, every other one in reverse order (1,2,3,3,2,1): the machine's
+    # speed drifts over minutes, and a drift then weighs on every count alike.
+    repeats: int = 1
     work_dir: Path | None = None
 
     def __post_init__(self) -> None:
@@ -64,6 +102,20 @@ class ScaleoutOptions:
             raise ValueError("devices and concurrency must be at least 1")
         if self.timeout <= 0:
             raise ValueError("timeout must be positive")
+        if not 1 <= self.idle_seconds <= 60:
+            raise ValueError("idle_seconds must be between 1 and 60")
+        if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or not (
+            1 <= self.repeats <= 5
+        ):
+            raise ValueError("repeats must be between 1 and 5")
+
+    def order(self) -> list[tuple[int, int]]:
+        """(pass, gateway count) of every round, in the order they run."""
+        return [
+            (index + 1, count)
+            for index in range(self.repeats)
+            for count in (self.gateways if index % 2 == 0 else self.gateways[::-1])
+        ]
 
 
 class _Database:
@@ -78,9 +130,18 @@ class _Database:
     def __enter__(self) -> _Database:
         import psycopg
 
-        with psycopg.connect(self._server, autocommit=True) as connection:
-            connection.execute(f"CREATE DATABASE {self.name}")
+        try:
+            with psycopg.connect(self._server, autocommit=True, connect_timeout=10) as connection:
+                connection.execute(f"CREATE DATABASE {self.name}")
+        except psycopg.Error as exc:
+            raise ScaleoutError(ScaleoutReason.DATABASE, f"{self._safe_server()}: {exc}") from None
         return self
+
+    def _safe_server(self) -> str:
+        """The server URL without its password, for messages."""
+        from sqlalchemy.engine import make_url
+
+        return make_url(self._server).render_as_string(hide_password=True)
 
     def __exit__(self, *_exc: object) -> None:
         import psycopg
@@ -111,9 +172,13 @@ class _Children:
         end = time.monotonic() + _READY_SECONDS
         while text not in self.output(name):
             if self.started[name].poll() is not None:
-                raise RuntimeError(f"{name} exited:\n{self.output(name)[-2000:]}")
+                raise ScaleoutError(
+                    ScaleoutReason.PROCESS_EXITED, f"{name} exited:\n{self.output(name)[-2000:]}"
+                )
             if time.monotonic() > end:
-                raise TimeoutError(f"{name} not ready in {_READY_SECONDS} s")
+                raise ScaleoutError(
+                    ScaleoutReason.NOT_READY, f"{name} not ready in {_READY_SECONDS} s"
+                )
             await asyncio.sleep(0.2)
 
     def stop(self) -> None:
@@ -144,8 +209,12 @@ def _cpu(pids: list[int]) -> float:
     return total
 
 
-async def _enroll_fleet(settings: Any, shared: Any, options: ScaleoutOptions) -> float:
-    """Seconds from the first connect until every sensor holds a certificate."""
+async def _enroll_fleet(
+    settings: Any, shared: Any, options: ScaleoutOptions
+) -> tuple[float, dict[str, int]]:
+    """Seconds from the first connect until every sensor holds a certificate, and what the
+    sensors met on the way (refusals by reason, connection errors): each is a request or a
+    connection the gateways served again, so CPU per enrollment grows with them."""
     from simulators.device import SensorOptions, SimulatedSensor
     from simulators.factory import MODEL, trust_factory
     from simulators.fleet import device_ids
@@ -176,18 +245,34 @@ async def _enroll_fleet(settings: Any, shared: Any, options: ScaleoutOptions) ->
         end = started + options.timeout
         while sum(s.outcome.enrolled for s in sensors) < options.devices:
             if time.monotonic() > end:
-                raise TimeoutError(f"the fleet did not enroll within {options.timeout} s")
+                enrolled = sum(s.outcome.enrolled for s in sensors)
+                raise ScaleoutError(
+                    ScaleoutReason.FLEET_TIMEOUT,
+                    f"{enrolled} of {options.devices} devices enrolled within {options.timeout} s",
+                )
             await asyncio.sleep(0.05)
-        return time.monotonic() - started
+        seconds = time.monotonic() - started
+        met: Counter[str] = Counter()
+        for sensor in sensors:
+            met.update(sensor.outcome.rejected)
+            met["connection_errors"] += sensor.outcome.connection_errors
+        return seconds, dict(sorted(met.items()))
     finally:
         stop.set()
         await asyncio.gather(*runs, return_exceptions=True)
 
 
-async def _round(count: int, options: ScaleoutOptions, folder: Path) -> dict[str, Any]:
+def _cpu_each(pids: dict[str, int]) -> dict[str, float]:
+    return {name: _cpu([pid]) for name, pid in pids.items()}
+
+
+async def _round(
+    count: int, options: ScaleoutOptions, folder: Path, progress: Callable[[str], None]
+) -> dict[str, Any]:
     from gateway.cluster import load_shared_broker
 
     folder.mkdir(parents=True)
+    load_before = os.getloadavg()[0]
     with _Database(options.database_url) as database:
         env = {**os.environ, DATABASE_ENV: database.url, "PYTHONUNBUFFERED": "1",
                "COLUMNS": "200"}
@@ -211,59 +296,159 @@ async def _round(count: int, options: ScaleoutOptions, folder: Path) -> dict[str
                 )
             for name in names:
                 await children.wait_for(name, "Fleetgate running")
-            gateway_pids = [children.started[name].pid for name in names]
+            gateway_pids = {name: children.started[name].pid for name in names}
             broker_pids = _children_of(keeper.pid)
             await asyncio.sleep(1.0)  # past the start-up work
-            gateway_cpu, broker_cpu = _cpu(gateway_pids), _cpu(broker_pids)
-            seconds = await _enroll_fleet(settings, shared, options)
-            gateway_cpu = _cpu(gateway_pids) - gateway_cpu
+            progress(f"{count} gateway(s): {options.idle_seconds:.0f} s idle, then the fleet")
+            idle_start = _cpu_each(gateway_pids)
+            await asyncio.sleep(options.idle_seconds)
+            idle_end = _cpu_each(gateway_pids)
+            broker_cpu = _cpu(broker_pids)
+            seconds, met = await _enroll_fleet(settings, shared, options)
+            busy_end = _cpu_each(gateway_pids)
             broker_cpu = _cpu(broker_pids) - broker_cpu
+            leaders = [name for name in names if _LEADING in children.output(name)]
         finally:
             children.stop()
             if previous is None:
                 os.environ.pop(DATABASE_ENV, None)
             else:
                 os.environ[DATABASE_ENV] = previous
+    idle_rate = {n: (idle_end[n] - idle_start[n]) / options.idle_seconds for n in names}
+    busy = {n: busy_end[n] - idle_end[n] for n in names}
+    gateway_cpu = sum(busy.values())
+    idle_total = sum(idle_rate.values())
+    less_idle = max(gateway_cpu - idle_total * seconds, 0.0)
+    per_ms = 1000 / options.devices
     return {
         "gateways": count,
         "devices": options.devices,
         "seconds": round(seconds, 2),
         "enrollments_per_s": round(options.devices / seconds, 1),
-        "gateway_cpu_ms_per_enrollment": round(gateway_cpu * 1000 / options.devices, 2),
-        "broker_cpu_ms_per_enrollment": round(broker_cpu * 1000 / options.devices, 2),
+        "gateway_cpu_ms_per_enrollment": round(gateway_cpu * per_ms, 2),
+        "gateway_idle_cpu_ms_per_s": round(idle_total * 1000, 1),
+        "gateway_cpu_ms_per_enrollment_less_idle": round(less_idle * per_ms, 2),
+        "broker_cpu_ms_per_enrollment": round(broker_cpu * per_ms, 2),
+        "per_gateway": [
+            {
+                "node": n,
+                "leader": n in leaders,
+                "idle_cpu_ms_per_s": round(idle_rate[n] * 1000, 1),
+                "cpu_ms_per_enrollment": round(busy[n] * per_ms, 2),
+            }
+            for n in names
+        ],
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "devices_met": met,
+        "device_retries": sum(met.values()),
     }
 
 
-async def run_scaleout_bench(options: ScaleoutOptions) -> dict[str, Any]:
-    """One round per gateway count, in the order given; see the module docstring."""
+def _ratio(value: float, base: float) -> float:
+    return round(value / base, 3) if base > 0 else 0.0
+
+
+_SUMMED = (
+    "enrollments_per_s",
+    "gateway_cpu_ms_per_enrollment",
+    "gateway_idle_cpu_ms_per_s",
+    "gateway_cpu_ms_per_enrollment_less_idle",
+    "broker_cpu_ms_per_enrollment",
+    "device_retries",
+)
+
+
+def summarize(gateways: tuple[int, ...], rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per gateway count: the mean of its rounds, and the ratios to the count of one (or the
+    first count given)."""
+    summary = []
+    for count in gateways:
+        mine = [r for r in rounds if r["gateways"] == count]
+        entry: dict[str, Any] = {"gateways": count, "rounds": len(mine)}
+        for key in _SUMMED:
+            entry[key] = round(statistics.fmean(r[key] for r in mine), 2)
+        cpu = [r["gateway_cpu_ms_per_enrollment"] for r in mine]
+        entry["gateway_cpu_ms_per_enrollment_range"] = [min(cpu), max(cpu)]
+        summary.append(entry)
+    base = next((e for e in summary if e["gateways"] == 1), summary[0])
+    for entry in summary:
+        entry["cpu_per_enrollment_vs_first"] = _ratio(
+            entry["gateway_cpu_ms_per_enrollment"], base["gateway_cpu_ms_per_enrollment"]
+        )
+        entry["cpu_less_idle_vs_first"] = _ratio(
+            entry["gateway_cpu_ms_per_enrollment_less_idle"],
+            base["gateway_cpu_ms_per_enrollment_less_idle"],
+        )
+    for entry in rounds:  # each round against the same base
+        entry["cpu_per_enrollment_vs_first"] = _ratio(
+            entry["gateway_cpu_ms_per_enrollment"], base["gateway_cpu_ms_per_enrollment"]
+        )
+        entry["cpu_less_idle_vs_first"] = _ratio(
+            entry["gateway_cpu_ms_per_enrollment_less_idle"],
+            base["gateway_cpu_ms_per_enrollment_less_idle"],
+        )
+    return summary
+
+
+async def run_scaleout_bench(
+    options: ScaleoutOptions, progress: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """One round per gateway count and pass (``ScaleoutOptions.order``); see the module
+    docstring. Raises ``ScaleoutError``. ``progress`` hears a line as each round starts and
+    ends."""
+    say = progress or (lambda _line: None)
     work = options.work_dir or Path(tempfile.mkdtemp(prefix="fleetgate-scaleout-"))
     rounds = []
-    for count in options.gateways:
-        rounds.append(await _round(count, options, work / f"{count}-gateways"))
-    base = next((r for r in rounds if r["gateways"] == 1), rounds[0])
-    for entry in rounds:
-        entry["cpu_per_enrollment_vs_first"] = round(
-            entry["gateway_cpu_ms_per_enrollment"] / base["gateway_cpu_ms_per_enrollment"], 3
+    for number, count in options.order():
+        folder = work / f"pass{number}-{count}-gateways"
+        entry = {"pass": number, **await _round(count, options, folder, say)}
+        say(
+            f"{count} gateway(s): {entry['enrollments_per_s']}/s, "
+            f"{entry['gateway_cpu_ms_per_enrollment']} ms gateway CPU per enrollment"
         )
+        rounds.append(entry)
+    summary = summarize(options.gateways, rounds)
     return {
         "benchmark": "scaleout-enroll",
         "machine": describe_machine(),
         "concurrency": options.concurrency,
+        "idle_seconds": options.idle_seconds,
+        "repeats": options.repeats,
         "rounds": rounds,
+        "summary": summary,
         "work_dir": str(work),
     }
 
 
 def render_scaleout(result: dict[str, Any]) -> str:
-    lines = [
-        f"{'gateways':>8}  {'devices':>7}  {'seconds':>8}  {'enroll/s':>8}  "
-        f"{'gw CPU ms/enr':>13}  {'broker CPU ms/enr':>17}  {'CPU vs 1':>8}"
-    ]
-    for r in result["rounds"]:
-        lines.append(
-            f"{r['gateways']:>8}  {r['devices']:>7}  {r['seconds']:>8.2f}  "
-            f"{r['enrollments_per_s']:>8.1f}  {r['gateway_cpu_ms_per_enrollment']:>13.2f}  "
-            f"{r['broker_cpu_ms_per_enrollment']:>17.2f}  "
-            f"{r['cpu_per_enrollment_vs_first']:>8.3f}"
+    """Every round, then the mean per gateway count; "vs 1" compares with one gateway (or the
+    first count given)."""
+    head = (
+        f"{'gateways':>8}  {'pass':>4}  {'seconds':>8}  {'enroll/s':>8}  {'gw CPU ms/enr':>13}  "
+        f"{'gw idle ms/s':>12}  {'less idle':>9}  {'broker ms/enr':>13}  {'retries':>7}  "
+        f"{'CPU vs 1':>8}  {'less idle vs 1':>14}"
+    )
+
+    def row(r: dict[str, Any], label: str, seconds: str) -> str:
+        return (
+            f"{r['gateways']:>8}  {label:>4}  {seconds:>8}  {r['enrollments_per_s']:>8.1f}  "
+            f"{r['gateway_cpu_ms_per_enrollment']:>13.2f}  "
+            f"{r['gateway_idle_cpu_ms_per_s']:>12.1f}  "
+            f"{r['gateway_cpu_ms_per_enrollment_less_idle']:>9.2f}  "
+            f"{r['broker_cpu_ms_per_enrollment']:>13.2f}  {r['device_retries']:>7g}  "
+            f"{r['cpu_per_enrollment_vs_first']:>8.3f}  {r['cpu_less_idle_vs_first']:>14.3f}"
         )
+
+    lines = [head]
+    lines += [row(r, str(r.get("pass", 1)), f"{r['seconds']:.2f}") for r in result["rounds"]]
+    if result.get("repeats", 1) > 1:
+        lines.append("mean of the passes:")
+        lines += [row(e, "all", "") for e in result["summary"]]
+    machine = result.get("machine", {})
+    devices = result["rounds"][0]["devices"] if result["rounds"] else 0
+    lines.append(
+        f"{devices} devices per round, concurrency {result['concurrency']}; "
+        f"{machine.get('cores', '?')} cores, load average {machine.get('load_average', '?')}; "
+        f"logs in {result['work_dir']}"
+    )
     return "\n".join(lines)

@@ -388,6 +388,12 @@ class Gateway:
         if batch:
             self.store.record_refusals(list(batch.values()))
 
+    async def _flush_refusals_if_any(self) -> None:
+        """The periodic flush. A thread hop only when someone was refused: most seconds
+        nobody is, and a Mosquitto broker reports no refusals at all."""
+        if self._refusals:
+            await asyncio.get_running_loop().run_in_executor(None, self._flush_refusals)
+
     def _touch(self, identity_id: str) -> None:
         try:
             self.store.touch(identity_id, self.clock.now())
@@ -468,7 +474,7 @@ class Gateway:
             asyncio.create_task(self._every(CHECKPOINT_SECONDS, self.audit.maybe_checkpoint)),
             asyncio.create_task(self._every(CRL_REFRESH_SECONDS, self._refresh_crl_if_leading)),
             asyncio.create_task(self._every(TRUST_REFRESH_SECONDS, self._reload_trust)),
-            asyncio.create_task(self._every(REFUSAL_FLUSH_SECONDS, self._flush_refusals)),
+            asyncio.create_task(self._every(REFUSAL_FLUSH_SECONDS, self._flush_refusals_if_any)),
         ]
         if cluster is not None:
             await cluster.start(on_elected=self._take_lead, on_deposed=self._step_down)
@@ -641,10 +647,8 @@ class Gateway:
         """Pick up manufacturer roots an operator added to trust/manufacturers/ while running
         (a stat per second; the files are read only when the folder changed)."""
         try:
-            stamp = max(
-                (p.stat().st_mtime_ns for p in self.settings.manufacturers_dir.glob("*.pem")),
-                default=0,
-            ), len(list(self.settings.manufacturers_dir.glob("*.pem")))
+            files = list(self.settings.manufacturers_dir.glob("*.pem"))
+            stamp = max((p.stat().st_mtime_ns for p in files), default=0), len(files)
         except OSError:
             return
         if stamp == self._trust_stamp:

@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 # How long an admin request may wait for the gateway's loop to enforce a change; past this the
 # operator is told "unavailable" (the registry change may still have been made: see the trail).
 ENFORCE_TIMEOUT_SECONDS = 10.0
+# A gateway of a cluster that does not lead waits for the leader itself (ClusterMember's
+# enforce_timeout, 10 s by default) and then says why: "not_enforced_yet". The admin request
+# waits that long plus the registry write, so the operator hears the reason, not a bare timeout.
+CLUSTER_MARGIN_SECONDS = 5.0
 
 # Principal kinds that are identities in the registry (not enrollees, not the internal client).
 _IDENTITY_KINDS = frozenset({"device", "operator", "service"})
@@ -40,7 +44,9 @@ class AdminBackend(Protocol):
         self, identity_id: str, state: IdentityState, *, action: str, actor: str, reason: str
     ) -> IdentityRecord:
         """Change the state (audited as ``action`` by ``actor``) and enforce it. Raises
-        ``operations.OperationError``; TimeoutError when enforcement did not finish in time."""
+        ``operations.OperationError``; TimeoutError when enforcement did not finish in time;
+        ``ClusterError(NOT_ENFORCED)`` when a gateway that does not lead saw no leader
+        confirm the change in time (it stays recorded)."""
         ...
 
     def approve(self, identity_id: str, *, actor: str) -> IdentityRecord:
@@ -130,9 +136,10 @@ class GatewayBackend:
         self, identity_id: str, state: IdentityState, *, action: str, actor: str, reason: str
     ) -> IdentityRecord:
         gateway = self._gateway
+        timeout = self._timeout + (CLUSTER_MARGIN_SECONDS if gateway.cluster is not None else 0)
         return gateway.call(
             gateway.set_state(identity_id, state, action=action, actor=actor, reason=reason),
-            self._timeout,
+            timeout,
         )
 
     def approve(self, identity_id: str, *, actor: str) -> IdentityRecord:

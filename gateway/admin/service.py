@@ -37,6 +37,7 @@ from gateway.admin.wire import (
     response_topic,
 )
 from gateway.audit import verify_chain
+from gateway.cluster.errors import ClusterError, ClusterReason
 from gateway.operations import OperationError, OperationRefusal
 from gateway.store import AuditEntry, IdentityRecord, IdentityState, StoreError
 from gateway.transport import Outgoing
@@ -74,6 +75,14 @@ def _refusal_reason(exc: OperationError) -> str:
     if exc.reason is OperationRefusal.UNKNOWN_IDENTITY:
         return AdminReason.NOT_FOUND.value
     return str(exc.reason)
+
+
+def _cluster_reason(exc: ClusterError) -> AdminReason:
+    """A gateway of a cluster that could not get a change confirmed: recorded but not yet in
+    force, or (any other cluster reason) the cluster is not in a state to serve it."""
+    if exc.reason is ClusterReason.NOT_ENFORCED:
+        return AdminReason.NOT_ENFORCED
+    return AdminReason.UNAVAILABLE
 
 
 def _item_error(identity_id: str, reason: str, detail: str) -> dict[str, Any]:
@@ -146,6 +155,10 @@ class AdminService:
             body = error_reply(
                 request_id, AdminReason.UNAVAILABLE, "the broker did not confirm in time"
             )
+        except ClusterError as exc:
+            reason = _cluster_reason(exc)
+            self.metrics[f"rejected.{reason}"] += 1
+            body = error_reply(request_id, reason, exc.detail or str(exc))
         except Exception:  # the last line of defence: a bug must not stop the gateway
             self.metrics[f"rejected.{AdminReason.INTERNAL}"] += 1
             log.exception("admin request from %s failed", name)
@@ -370,6 +383,9 @@ class AdminService:
                 except TimeoutError:
                     reason = AdminReason.UNAVAILABLE.value
                     detail = "the broker did not confirm in time"
+                except ClusterError as exc:
+                    # a follower whose change no leader confirmed: recorded, not yet in force
+                    reason, detail = _cluster_reason(exc).value, exc.detail or str(exc)
                 else:
                     results.append({"id": identity_id, "ok": True, "state": changed.state.value})
                     continue
@@ -466,6 +482,10 @@ class AdminService:
         except OperationError as exc:
             raise AdminRequestError(
                 _refusal_reason(exc), exc.detail, args.request_id
+            ) from None
+        except ClusterError as exc:
+            raise AdminRequestError(
+                _cluster_reason(exc), exc.detail or str(exc), args.request_id
             ) from None
         return {"name": changed.id, "state": changed.state.value}
 

@@ -57,6 +57,9 @@ class AdminReason(StrEnum):
     # the gateway itself
     BUSY = "busy"
     UNAVAILABLE = "unavailable"
+    # Several gateways: the change is recorded, but no leader confirmed it in force in time
+    # (the next leader enforces it). The same code as gateway.cluster's ClusterError.
+    NOT_ENFORCED = "not_enforced_yet"
     INTERNAL = "internal"
 
 

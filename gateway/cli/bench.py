@@ -119,25 +119,129 @@ def _run(coro: Any) -> dict[str, Any]:
     return result
 
 
+def _gateway_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        fail(f"--gateways takes counts separated by commas, such as 1,2,3; got {text!r}")
+    return counts
+
+
+def _scaleout(
+    gateways: str,
+    database: str | None,
+    broker: str,
+    devices: int,
+    concurrency: int | None,
+    timeout: float,
+    repeats: int,
+    work_dir: Path | None,
+    tuning: list[str] | None,
+    as_json: bool,
+    output: Path | None,
+) -> None:
+    """``bench enroll --gateways``: rounds of 1..N clustered gateways on one PostgreSQL server
+    and one Mosquitto (gateway.bench_scaleout)."""
+    from gateway.bench_scaleout import (
+        ScaleoutError,
+        ScaleoutOptions,
+        render_scaleout,
+        run_scaleout_bench,
+    )
+
+    if broker != "mosquitto":
+        fail("--gateways needs --broker mosquitto: the gateways of a cluster share one Mosquitto")
+    if database is None:
+        fail("--gateways needs --database postgresql://user@host/db: the gateways of a cluster "
+             "share one PostgreSQL registry (each round creates a database of its own there)")
+    if tuning:
+        fail("--tuning measures one gateway; it does not apply to --gateways")
+    try:
+        options = ScaleoutOptions(
+            database_url=database,
+            gateways=_gateway_counts(gateways),
+            devices=devices,
+            concurrency=concurrency if concurrency is not None else 96,
+            timeout=timeout,
+            repeats=repeats,
+            work_dir=work_dir,
+        )
+    except ValueError as exc:
+        fail(str(exc))
+    try:
+        result = asyncio.run(
+            run_scaleout_bench(options, None if as_json else lambda line: console.print(line))
+        )
+    except ScaleoutError as exc:
+        fail(str(exc))
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    if as_json:
+        print_json(result)
+    else:
+        typer.echo(render_scaleout(result))  # a wide table: not wrapped to the terminal
+
+
 @app.command("enroll")
 def enroll_command(
     devices: DevicesOption = 1000,
     broker: BrokerOption = "embedded",
     workers: WorkersOption = 2,
-    concurrency: ConcurrencyOption = 32,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(
+            help="Enrollments in flight at once across the fleet (default 32; 96 with "
+            "--gateways). More than the gateways answer within a device's 10 s response "
+            "timeout only brings retries."
+        ),
+    ] = None,
     idle_samples: Annotated[
         int, typer.Option(help="Devices enrolled one at a time on the idle gateway first.")
     ] = 20,
-    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 1800.0,
+    timeout: Annotated[
+        float, typer.Option(help="Give up after this many seconds (per round with --gateways).")
+    ] = 1800.0,
+    gateways: Annotated[
+        str | None,
+        typer.Option(
+            help="Gateway counts to compare, such as 1,2,3: each round runs that many "
+            "clustered gateways (needs --broker mosquitto and --database postgresql://...)."
+        ),
+    ] = None,
+    repeats: Annotated[
+        int,
+        typer.Option(
+            help="With --gateways: passes over the counts, every other one reversed "
+            "(1,2,3,3,2,1), averaged per count: the machine's speed drifts between rounds."
+        ),
+    ] = 1,
+    database: Annotated[
+        str | None,
+        typer.Option(
+            help="With --gateways: a PostgreSQL server URL whose user may create databases "
+            "(one per round, dropped after)."
+        ),
+    ] = None,
     work_dir: WorkDirOption = None,
     output: OutputOption = None,
     tuning: TuningOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Onboard a fleet: first connect to operational mTLS session, against the floor."""
+    """Onboard a fleet: first connect to operational mTLS session, against the floor. With
+    --gateways: enrollments/s and gateway CPU per enrollment for 1, 2, 3... gateways."""
+    if gateways is not None:
+        _scaleout(gateways, database, broker, devices, concurrency, timeout, repeats, work_dir,
+                  tuning, as_json, output)
+        return
+    if database is not None or repeats != 1:
+        fail("--database and --repeats are for --gateways; one gateway is measured on a "
+             "registry of its own, once")
     from gateway.bench.enroll import EnrollBenchOptions, run_enroll_bench
 
-    setup = _setup(devices, broker, workers, concurrency, work_dir, tuning)
+    setup = _setup(
+        devices, broker, workers, concurrency if concurrency is not None else 32, work_dir, tuning
+    )
     try:
         options = EnrollBenchOptions(
             setup, idle_samples=idle_samples, timeout=timeout, progress=not as_json

@@ -192,6 +192,7 @@ _EXISTS_CLIENT = "Client already exists"
 _EXISTS_GROUP = "Group already exists"
 _NO_CLIENT = "Client not found"
 _NO_ROLE = "Role not found"
+_ROLE_MISSING = "Role does not exist"  # what modifyRole answers for a missing role
 
 ENROLL_RESPONSE_FILTER = f"{topics.PREFIX}/enroll/+/resp"
 
@@ -417,7 +418,7 @@ def modify_role_acls(name: str, acls: Iterable[Acl], *, if_exists: bool = False)
     return Command(
         "modifyRole",
         {"rolename": _check_str(name, "role name"), "acls": [a.to_json() for a in acls]},
-        frozenset({_NO_ROLE}) if if_exists else frozenset(),
+        frozenset({_NO_ROLE, _ROLE_MISSING}) if if_exists else frozenset(),
     )
 
 

@@ -16,6 +16,7 @@ from gateway.admin.roles import ADMIN_OPS, ALL_OPS, OPERATE_OPS, READ_OPS
 from gateway.admin.service import MAX_AUDITED_TARGETS
 from gateway.admin.wire import encode_request
 from gateway.audit import AuditWriter
+from gateway.cluster import ClusterError, ClusterReason
 from gateway.operations import OperationError, OperationRefusal
 from gateway.service import GatewayEvent
 from gateway.store import (
@@ -650,6 +651,55 @@ def test_a_broker_that_does_not_confirm_fails_that_device_only(
     result = fleet.ok("otto", "quarantine", {"ids": ["dev-1", "dev-6"], "reason": "x"})
     assert result["results"][0]["error"]["reason"] == "unavailable"
     assert result["results"][1] == {"id": "dev-6", "ok": True, "state": "quarantined"}
+
+
+def test_a_change_no_cluster_leader_confirmed_is_reported_recorded_not_enforced(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A gateway of a cluster that does not lead records the change, then waits for the leader
+    # to enforce it; with no leader it raises ClusterError(NOT_ENFORCED).
+    real = fleet.backend.set_state
+
+    def no_leader_for_some(identity_id: str, state: IdentityState, **kwargs: Any) -> IdentityRecord:
+        record = real(identity_id, state, **kwargs)
+        if identity_id in ("dev-1", "otto"):
+            raise ClusterError(ClusterReason.NOT_ENFORCED, "no leader confirmed it within 10 s")
+        return record
+
+    monkeypatch.setattr(fleet.backend, "set_state", no_leader_for_some)
+    fleet.add("dev-6", IdentityKind.DEVICE, IdentityState.ACTIVE)
+    result = fleet.ok("otto", "quarantine", {"ids": ["dev-1", "dev-6"], "reason": "x"})
+    [first, second] = result["results"]
+    assert first["ok"] is False and first["error"]["reason"] == "not_enforced_yet"
+    assert "no leader" in first["error"]["detail"]
+    assert second == {"id": "dev-6", "ok": True, "state": "quarantined"}
+    assert (result["succeeded"], result["failed"]) == (1, 1)
+    # recorded all the same: the next leader enforces it
+    record = fleet.store.get_identity("dev-1")
+    assert record is not None and record.state is IdentityState.QUARANTINED
+
+    assert fleet.error("ada", "revoke_operator", {"name": "otto", "reason": "left"}) == (
+        "not_enforced_yet"
+    )
+    assert fleet.service.metrics["rejected.not_enforced_yet"] == 1
+
+
+def test_any_other_cluster_error_is_unavailable_not_internal(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*_args: Any, **_kwargs: Any) -> Any:
+        raise ClusterError(ClusterReason.NO_SHARED_BROKER, "broker.json is gone")
+
+    monkeypatch.setattr(fleet.backend, "set_state", broken)
+    monkeypatch.setattr(fleet.backend, "connected", broken)
+    result = fleet.ok("otto", "release", {"ids": ["dev-3"]})
+    assert result["results"][0]["error"]["reason"] == "unavailable"
+    assert fleet.error("ada", "revoke_operator", {"name": "otto", "reason": "x"}) == (
+        "unavailable"
+    )
+    # outside the state changes too (the session list asks the gateway's broker)
+    assert fleet.error("vera", "operators") == "unavailable"
+    assert fleet.service.metrics["rejected.internal"] == 0
 
 
 def test_a_refusal_from_the_operations_layer_keeps_its_code(

@@ -144,6 +144,7 @@ def test_reason_codes_are_stable_snake_case() -> None:
         "transition_forbidden",
         "busy",
         "unavailable",
+        "not_enforced_yet",
         "internal",
     }
 
