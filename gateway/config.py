@@ -16,6 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from gateway.anomaly.settings import AnomalySettings, AnomalySettingsError
 from pki.keys import KeyType
 from pki.profile import IDENTITY_NAME_PATTERN
 
@@ -113,6 +114,7 @@ class Settings:
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     enrollment: EnrollmentSettings = field(default_factory=EnrollmentSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
+    anomaly: AnomalySettings = field(default_factory=AnomalySettings)
 
     @property
     def ca_dir(self) -> Path:
@@ -214,6 +216,13 @@ def parse_settings(home: Path, data: Mapping[str, Any]) -> Settings:
             if not isinstance(value, dict):
                 raise ConfigError(f"[{key}] must be a table")
             top[key] = _build(sections[key], value, f"{key}.")
+        elif key == "anomaly":
+            if not isinstance(value, dict):
+                raise ConfigError("[anomaly] must be a table")
+            try:
+                top[key] = AnomalySettings.from_table(value)
+            except AnomalySettingsError as exc:
+                raise ConfigError(str(exc)) from None
         elif key == "policy":
             if not isinstance(value, dict):
                 raise ConfigError("[policy] must be a table")
@@ -292,6 +301,10 @@ nonce_ttl_seconds = 60
 max_clock_skew_seconds = 300
 pending_retry_after = 10
 require_known_firmware = false # true: a model without a firmware allow-list is refused
+
+[anomaly]
+enabled = true                 # behaviour baselines and automatic responses (docs/anomaly.md);
+                               # without [[anomaly.rules]] the documented default rules apply
 
 [policy]
 denied_birth_fingerprints = []  # sha256 hex of birth certificates that may never enroll

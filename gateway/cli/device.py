@@ -11,7 +11,7 @@ from rich.table import Table
 
 from gateway.cli.common import HomeOption, JsonOption, console, fail, print_json, settings_for
 from gateway.operations import OperationError, approve, change_state, cli_actor, open_store
-from gateway.store import IdentityRecord, IdentityState
+from gateway.store import AuditRecord, IdentityRecord, IdentityState
 
 app = typer.Typer(help="Inspect and manage identities.", no_args_is_help=True)
 
@@ -110,6 +110,7 @@ def show_command(device_id: str, home: HomeOption = None, as_json: JsonOption = 
             }
             for r in history
         ]
+        data["detections"] = [_detection_json(r) for r in history if r.entry.action == "anomaly"]
         print_json(data)
         return
     console.print(f"[bold]{record.id}[/]  {record.kind.value}  state [bold]{record.state.value}[/]")
@@ -147,6 +148,34 @@ def show_command(device_id: str, home: HomeOption = None, as_json: JsonOption = 
             ", ".join(r.entry.reasons),
         )
     console.print(events)
+    detections = [r for r in history if r.entry.action == "anomaly"]
+    if detections:
+        found = Table(title="detections (behaviour watch)")
+        for column in ("at", "detection", "score", "action", "reason"):
+            found.add_column(column)
+        for r in detections[-20:]:
+            d = _detection_json(r)
+            found.add_row(d["at"], d["detection"], d["score"], d["action"], d["reason"])
+        console.print(found)
+
+
+def _detection_json(record: AuditRecord) -> dict[str, str]:
+    """An anomaly verdict from the audit trail (``gateway.watch`` writes them)."""
+    entry = record.entry
+    reasons = entry.reasons
+    return {
+        "at": entry.at.isoformat(timespec="seconds"),
+        "detection": entry.detail.get("detection", reasons[0] if reasons else ""),
+        "score": entry.detail.get("score", ""),
+        "action": entry.outcome,
+        "rule": entry.detail.get("rule", ""),
+        "reason": reasons[1] if len(reasons) > 1 else "",
+        "evidence": ", ".join(
+            f"{key.removeprefix('evidence.')}={value}"
+            for key, value in entry.detail.items()
+            if key.startswith("evidence.")
+        ),
+    }
 
 
 @app.command("approve")

@@ -16,6 +16,7 @@ from gateway.cluster.enforced import ENFORCED_TOPIC, EnforcementWatch, announcem
 from gateway.cluster.errors import ClusterError, ClusterReason
 from gateway.cluster.shared_broker import SharedBroker, SharedBrokerControl, load_shared_broker
 from gateway.config import Settings
+from gateway.observe import Observer
 from gateway.protocol import topics
 from gateway.transport import MqttTransport, Route
 from pki.clock import Clock
@@ -84,7 +85,11 @@ class ClusterMember:
         return f"_fg_gw-{self.node}"
 
     def broker(
-        self, *, clock: Clock, on_clone: Callable[[Principal, str, str], None] | None
+        self,
+        *,
+        clock: Clock,
+        on_clone: Callable[[Principal, str, str], None] | None,
+        observer: Observer | None = None,
     ) -> SharedBrokerControl:
         """This gateway's control of the shared broker. Every gateway's admin connection hears
         the broker's connection notices; only the leader reacts to a clone."""
@@ -98,6 +103,7 @@ class ClusterMember:
             internal_username=self.account,
             clock=clock,
             on_clone=leader_only,
+            observer=observer,
             # A broker rewriting a large dynsec file answers late; a gateway that gave up at
             # start would just be one fewer.
             command_timeout=BROKER_COMMAND_TIMEOUT,

@@ -196,3 +196,28 @@ def test_run_with_a_wrong_passphrase_says_so_without_a_traceback(
     assert code == 1
     assert "cannot open the gateway's keys" in output and "passphrase" in output
     assert "Traceback" not in output and "PRIVATE KEY" not in output
+
+
+def test_device_show_lists_what_the_behaviour_watch_found(home: Path) -> None:
+    from datetime import UTC, datetime
+
+    from gateway.anomaly import Action, Detection, DetectionKind, Verdict
+    from gateway.watch import verdict_audit_entry
+
+    seed_device(home, "th-7", IdentityState.ACTIVE)
+    detection = Detection(
+        "th-7", DetectionKind.PROBING, 1.0, "3 denied attempts on other devices' topics in 300 s",
+        datetime.now(UTC), {"denials": 3, "topics": "fg/v1/dev/th-8/telemetry"},
+    )  # fmt: skip
+    store = open_store(load_settings(home))
+    store.append_audit([verdict_audit_entry(Verdict(detection, Action.QUARANTINE, "probing"))])
+    code, output = fleetgate("device", "show", "th-7", "--home", str(home), "--json")
+    assert code == 0, output
+    (found,) = json.loads(output)["detections"]
+    assert (found["detection"], found["action"], found["rule"], found["score"]) == (
+        "probing", "quarantine", "probing", "1.00"
+    )
+    assert found["reason"].startswith("3 denied attempts")
+    assert "denials=3" in found["evidence"]
+    code, output = fleetgate("device", "show", "th-7", "--home", str(home))
+    assert code == 0 and "detections" in output and "probing" in output
