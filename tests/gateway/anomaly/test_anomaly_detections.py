@@ -11,7 +11,14 @@ from anomaly_rig import Rig, first, kinds, warm_fleet
 
 from gateway.acl import Action as AclAction
 from gateway.anomaly import Action, DetectionKind
-from gateway.observe import CertificateIssued, Connected, Denied, Disconnected, Published
+from gateway.observe import (
+    CertificateIssued,
+    Connected,
+    Denied,
+    Disconnected,
+    Published,
+    RequestRefused,
+)
 
 
 @pytest.fixture
@@ -244,3 +251,20 @@ def test_a_new_device_behaving_like_its_peers_is_not_flagged(warm: Rig) -> None:
     warm.device("newcomer", remote="10.0.2.1:40000")
     assert warm.run(30 * 60) == []
     assert warm.engine.snapshot("newcomer").reference == "own"  # type: ignore[union-attr]
+
+
+def test_firmware_refused_at_enrollment_is_detected_even_for_an_unregistered_device(
+    warm: Rig,
+) -> None:
+    warm.observe(RequestRefused("tampered-1", "firmware_not_allowed"))
+    found = first(warm.run(5), DetectionKind.FIRMWARE_CHANGE)
+    assert found.detection.identity == "tampered-1"
+    assert "allow-list" in found.detection.reason
+    # not in the registry: nothing to quarantine, the operators are told
+    assert found.action is Action.ALERT
+
+
+def test_other_refusals_are_the_protocol_working_not_detections(warm: Rig) -> None:
+    for reason in ("rate_limited", "nonce_expired", "malformed", "not_enrolled"):
+        warm.observe(RequestRefused("th-sensor-1", reason))
+    assert warm.run(5) == []
