@@ -4,7 +4,11 @@ SQLite settings, applied to every new connection:
 
 - ``journal_mode=WAL``: readers never block the writer, and a commit is one append to the log;
 - ``synchronous=FULL``: the log is synced at every commit, so a certificate row is on disk
-  before the certificate is published (NORMAL can lose the last commits on power loss);
+  before the certificate is published. NORMAL in WAL mode never corrupts the database but
+  syncs only at checkpoints, so a power cut can undo the last commits: a device would hold a
+  certificate (serial, key) the registry no longer knows, a revocation could come undone.
+  Only the few writes ``sql_store`` lists, whose loss the protocol recovers from, relax it
+  for their own transaction;
 - ``foreign_keys=ON``: SQLite ignores foreign keys unless asked;
 - ``busy_timeout``: wait for another writer instead of failing at once.
 
@@ -24,12 +28,30 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.pool import StaticPool
 
-__all__ = ["DEFAULT_BUSY_TIMEOUT_MS", "WRITE_OPTION", "create_registry_engine", "writer"]
+__all__ = [
+    "DEFAULT_BUSY_TIMEOUT_MS",
+    "WRITE_OPTION",
+    "create_registry_engine",
+    "is_broken",
+    "writer",
+]
 
 DEFAULT_BUSY_TIMEOUT_MS = 5000
 
 WRITE_OPTION = "fleetgate_write"
 """Execution option marking a connection that will write (SQLite: BEGIN IMMEDIATE)."""
+
+
+def is_broken(error: BaseException) -> bool:
+    """Whether a driver error leaves its connection unusable for good.
+
+    A SQLite connection opened while the file was read-only (or the disk failing) stays that
+    way; the pool would hand it out forever (PostgreSQL says "read-only transaction" on a
+    standby, where a new connection is the cure too). Dropping it lets the registry write
+    again as soon as the condition clears, without a restart.
+    """
+    text = str(error).lower()
+    return "readonly" in text or "read-only" in text or "disk i/o error" in text
 
 
 def create_registry_engine(url: str, *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS) -> Engine:
@@ -64,11 +86,7 @@ def create_registry_engine(url: str, *, busy_timeout_ms: int = DEFAULT_BUSY_TIME
 
     @event.listens_for(engine, "handle_error")
     def _drop_broken(context: Any) -> None:
-        # A connection opened while the file was read-only (or the disk failing) stays that
-        # way for good; the pool would hand it out forever. Dropping it lets the registry
-        # write again as soon as the condition clears, without a restart.
-        text = str(context.original_exception).lower()
-        if "readonly" in text or "read-only" in text or "disk i/o error" in text:
+        if is_broken(context.original_exception):
             context.is_disconnect = True
 
     @event.listens_for(engine, "begin")

@@ -1,9 +1,31 @@
-"""``SqlStore``: the ``gateway.store.Store`` port over SQLModel/SQLAlchemy, SQLite or PostgreSQL.
+"""``SqlStore``: the ``gateway.store.Store`` port on SQLite or PostgreSQL.
 
-Each method is one short-lived session and one transaction: nothing is cached between calls, so
-after a failure (disk full, database locked or read-only) the next call starts clean and works
-as soon as the condition clears. Uniqueness is enforced by constraints, not by locks in this
-process, so several gateways sharing a PostgreSQL database obey the same rules.
+Each method is one short-lived connection from the pool and at most one transaction: nothing is
+cached between calls but the compiled statements, so after a failure (disk full, database locked
+or read-only) the next call starts clean and works as soon as the condition clears. Uniqueness
+is enforced by constraints, not by locks in this process, so several gateways sharing a
+PostgreSQL database obey the same rules.
+
+Two ways to the database, by how often a method runs:
+
+- the per-request calls of enrollment and the broker (identity, nonce, token, key and response
+  lookups, ``record_outcome``, ``touch``) and every write that appends to the audit trail run
+  ``statements.Statements`` (Core, compiled once) on the pooled driver connection
+  (``driver.Driver``): no ORM, no per-call statement building or cache lookup;
+- listings, audit pages, the audit head poll, checkpoints and refusals build their query per
+  call on a SQLAlchemy ``Connection``: they run a few times a second at most.
+
+Durability on SQLite: every commit is synced (``synchronous=FULL``, see ``engine.py``) except
+those of four writes that the protocol recovers from losing, which skip their own sync
+(``Driver.writing(durable=False)``): a new nonce, a nonce consumed, a stored challenge (an
+outcome with no identity, certificate or audit event) and ``touch``. The log is one file synced
+whole, so such a commit is lost on a power cut only together with everything after it up to the
+next synced commit, and never once an outcome that depends on it is durable: a certificate row
+is synced with the nonce consumption before it. What a loss costs: an unknown nonce (the device
+starts again with hello), a new challenge for a retried hello, a nonce usable again by the
+request that consumed it (which got no certificate), an older last-seen time. What the sync
+costs: storing a nonce took 290 us of CPU and 1.7 ms with it, 65 us and 0.15 ms without
+(measured on a busy machine), three times per enrollment.
 """
 
 from __future__ import annotations
@@ -11,28 +33,26 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
 from alembic.util import CommandError
-from sqlalchemy import CursorResult, Engine, Result, case, func, insert, select, update
+from sqlalchemy import Connection, Engine, case, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlmodel import Session
 
 from gateway.audit import chain
 from gateway.lifecycle import check_transition
 from gateway.registry import convert
+from gateway.registry.driver import Driver, Transaction
 from gateway.registry.engine import DEFAULT_BUSY_TIMEOUT_MS, create_registry_engine, writer
 from gateway.registry.errors import translated
 from gateway.registry.migrate import upgrade
+from gateway.registry.statements import Statements
 from gateway.registry.tables import (
     AuditCheckpointRow,
     AuditEventRow,
-    BootstrapTokenRow,
     CertificateRow,
     ConnectionRefusalRow,
     IdentityRow,
-    NonceRow,
-    StoredResponseRow,
     table_of,
 )
 from gateway.store import (
@@ -59,15 +79,9 @@ __all__ = ["SqlStore", "refusal_upsert"]
 
 IDENTITY = table_of(IdentityRow)
 CERTIFICATE = table_of(CertificateRow)
-RESPONSE = table_of(StoredResponseRow)
-NONCE = table_of(NonceRow)
-TOKEN = table_of(BootstrapTokenRow)
 AUDIT = table_of(AuditEventRow)
 CHECKPOINT = table_of(AuditCheckpointRow)
 REFUSAL = table_of(ConnectionRefusalRow)
-
-_AUDIT_APPEND_LOCK = int.from_bytes(b"fg-audit")
-"""PostgreSQL advisory lock held by each audit appender until its transaction ends."""
 
 # Describe the newest sighting of a key; the rest of a refusal row is the aggregate.
 _LATEST_SIGHTING = (
@@ -111,10 +125,6 @@ def refusal_upsert(dialect: str) -> sqlite.Insert | postgresql.Insert:
     return statement.on_conflict_do_update(index_elements=[stored["key"]], set_=changes)
 
 
-def _rowcount(result: Result[Any]) -> int:
-    return cast(CursorResult[Any], result).rowcount
-
-
 class SqlStore:
     """The registry in a SQL database; the schema is brought to the newest revision on open."""
 
@@ -124,6 +134,8 @@ class SqlStore:
             self._writer = writer(self._engine)
             try:
                 upgrade(self._engine)
+                # After the first connection: the dialect knows the server it talks to.
+                self._sql = Statements.compile(self._engine.dialect)
             except CommandError as error:
                 self._engine.dispose()
                 # Typically a database already migrated by a newer gateway.
@@ -131,6 +143,8 @@ class SqlStore:
             except BaseException:
                 self._engine.dispose()
                 raise
+        self._driver = Driver(self._engine)
+        self._postgres = self._engine.dialect.name == "postgresql"
 
     @classmethod
     def open(cls, url: str, *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS) -> SqlStore:
@@ -150,31 +164,41 @@ class SqlStore:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
-    @contextmanager
-    def _read(self, action: str) -> Iterator[Session]:
-        with translated(action), Session(self._engine) as session:
-            yield session
+    # the per-request way: compiled statements on the driver connection
 
     @contextmanager
-    def _write(self, action: str) -> Iterator[Session]:
-        with translated(action), Session(self._writer) as session, session.begin():
-            yield session
+    def _reading(self, action: str) -> Iterator[Transaction]:
+        with translated(action), self._driver.reading() as transaction:
+            yield transaction
+
+    @contextmanager
+    def _writing(self, action: str, *, durable: bool = True) -> Iterator[Transaction]:
+        with translated(action), self._driver.writing(durable=durable) as transaction:
+            yield transaction
+
+    # the occasional way: statements built per call on a SQLAlchemy Connection
+
+    @contextmanager
+    def _read(self, action: str) -> Iterator[Connection]:
+        with translated(action), self._engine.connect() as connection:
+            yield connection
+
+    @contextmanager
+    def _write(self, action: str) -> Iterator[Connection]:
+        with translated(action), self._writer.begin() as connection:
+            yield connection
 
     # identities
 
     def get_identity(self, identity_id: str) -> IdentityRecord | None:
-        with self._read("reading an identity") as session:
-            row = session.execute(
-                select(IDENTITY).where(IDENTITY.c.id == identity_id)
-            ).mappings().first()
-            return None if row is None else convert.identity_from_row(row)
+        with self._reading("reading an identity") as sql:
+            row = sql.first(self._sql.identity, id=identity_id)
+        return None if row is None else convert.identity_from_row(row)
 
     def find_by_birth_fingerprint(self, fingerprint: str) -> IdentityRecord | None:
-        with self._read("finding an identity by birth certificate") as session:
-            row = session.execute(
-                select(IDENTITY).where(IDENTITY.c.birth_fingerprint == fingerprint)
-            ).mappings().first()
-            return None if row is None else convert.identity_from_row(row)
+        with self._reading("finding an identity by birth certificate") as sql:
+            row = sql.first(self._sql.identity_by_birth, fingerprint=fingerprint)
+        return None if row is None else convert.identity_from_row(row)
 
     def list_identities(
         self, kind: IdentityKind | None = None, state: IdentityState | None = None
@@ -184,91 +208,76 @@ class SqlStore:
             query = query.where(IDENTITY.c.kind == IdentityKind(kind).value)
         if state is not None:
             query = query.where(IDENTITY.c.state == IdentityState(state).value)
-        with self._read("listing identities") as session:
-            return [convert.identity_from_row(row) for row in session.execute(query).mappings()]
+        with self._read("listing identities") as connection:
+            return [convert.identity_from_row(row) for row in connection.execute(query).mappings()]
 
     def put_identity(self, record: IdentityRecord, audit: Sequence[AuditEntry] = ()) -> None:
         values = convert.identity_values(record)
-        with self._write("storing an identity") as session:
-            self._upsert_identity(session, values)
-            self._append(session, audit)
+        with self._writing("storing an identity") as sql:
+            self._upsert_identity(sql, values)
+            self._append(sql, audit)
 
     def touch(self, identity_id: str, seen_at: datetime) -> None:
         convert.require_aware_time(seen_at)
-        with self._write("recording when an identity was seen") as session:
-            result = session.execute(
-                update(IDENTITY).where(IDENTITY.c.id == identity_id).values(last_seen_at=seen_at)
-            )
-            if _rowcount(result) == 0:
+        with self._writing("recording when an identity was seen", durable=False) as sql:
+            if sql.execute(self._sql.identity_touch, id=identity_id, last_seen_at=seen_at) == 0:
                 raise KeyError(identity_id)
 
     # nonces
 
     def put_nonce(self, nonce: NonceRecord) -> None:
         values = convert.nonce_values(nonce)
-        with self._write("storing a nonce") as session:
-            session.execute(insert(NONCE).values(**values))
+        with self._writing("storing a nonce", durable=False) as sql:
+            sql.execute(self._sql.nonce_insert, **values)
 
     def consume_nonce(self, value: bytes, device_id: str, now: datetime) -> NonceCheck:
         key = convert.nonce_key(value)
         convert.require_aware_time(now)
-        with self._write("consuming a nonce") as session:
+        with self._writing("consuming a nonce", durable=False) as sql:
             # The conditional update is the atomic test-and-set: of two concurrent consumers
             # exactly one sees a row change.
-            result = session.execute(
-                update(NONCE)
-                .where(
-                    NONCE.c.value == key,
-                    NONCE.c.device_id == device_id,
-                    NONCE.c.used_at.is_(None),
-                    NONCE.c.expires_at > now,
-                )
-                .values(used_at=now)
+            changed = sql.execute(
+                self._sql.nonce_consume, value=key, device_id=device_id, now=now, used_at=now
             )
-            if _rowcount(result) == 1:
+            if changed == 1:
                 return NonceCheck.OK
-            row = session.execute(select(NONCE).where(NONCE.c.value == key)).mappings().first()
-            if row is None:
-                return NonceCheck.UNKNOWN
-            if row["device_id"] != device_id:
-                return NonceCheck.OTHER_DEVICE
-            if row["used_at"] is not None:
-                return NonceCheck.REUSED
-            return NonceCheck.EXPIRED
+            row = sql.first(self._sql.nonce, value=key)
+        if row is None:
+            return NonceCheck.UNKNOWN
+        if row["device_id"] != device_id:
+            return NonceCheck.OTHER_DEVICE
+        if row["used_at"] is not None:
+            return NonceCheck.REUSED
+        return NonceCheck.EXPIRED
 
     # bootstrap tokens
 
     def put_token(self, token: TokenRecord, audit: Sequence[AuditEntry] = ()) -> None:
         values = convert.token_values(token)
-        with self._write("storing a bootstrap token") as session:
-            session.execute(insert(TOKEN).values(**values))
-            self._append(session, audit)
+        with self._writing("storing a bootstrap token") as sql:
+            sql.execute(self._sql.token_insert, **values)
+            self._append(sql, audit)
 
     def consume_token(self, token_hash: str, device_id: str, now: datetime) -> TokenCheck:
         convert.require_aware_time(now)
-        with self._write("consuming a bootstrap token") as session:
-            result = session.execute(
-                update(TOKEN)
-                .where(
-                    TOKEN.c.token_hash == token_hash,
-                    TOKEN.c.device_id == device_id,
-                    TOKEN.c.used_at.is_(None),
-                    TOKEN.c.expires_at > now,
-                )
-                .values(used_at=now)
+        with self._writing("consuming a bootstrap token") as sql:
+            changed = sql.execute(
+                self._sql.token_consume,
+                token_hash=token_hash,
+                device_id=device_id,
+                now=now,
+                used_at=now,
             )
-            if _rowcount(result) == 1:
+            if changed == 1:
                 return TokenCheck.OK
-            row = session.execute(
-                select(TOKEN).where(TOKEN.c.token_hash == token_hash)
-            ).mappings().first()
-            if row is None:
-                return TokenCheck.UNKNOWN
-            if row["device_id"] != device_id:
-                return TokenCheck.OTHER_DEVICE
-            if row["used_at"] is not None:
-                return TokenCheck.REUSED
-            return TokenCheck.EXPIRED
+            row = sql.first(self._sql.token, token_hash=token_hash)
+        if row is None:
+            return TokenCheck.UNKNOWN
+        if row["device_id"] != device_id:
+            return TokenCheck.OTHER_DEVICE
+        if row["used_at"] is not None:
+            return TokenCheck.REUSED
+        return TokenCheck.EXPIRED
 
     # certificates
 
@@ -278,25 +287,20 @@ class SqlStore:
             .where(CERTIFICATE.c.identity_id == identity_id)
             .order_by(CERTIFICATE.c.issued_at, CERTIFICATE.c.serial)
         )
-        with self._read("listing certificates") as session:
-            return [convert.certificate_from_row(row) for row in session.execute(query).mappings()]
+        with self._read("listing certificates") as connection:
+            rows = connection.execute(query).mappings()
+            return [convert.certificate_from_row(row) for row in rows]
 
     def get_certificate(self, serial: int) -> CertificateRecord | None:
         key = convert.serial_key(serial)
-        with self._read("reading a certificate") as session:
-            row = session.execute(
-                select(CERTIFICATE).where(CERTIFICATE.c.serial == key)
-            ).mappings().first()
+        with self._read("reading a certificate") as connection:
+            query = select(CERTIFICATE).where(CERTIFICATE.c.serial == key)
+            row = connection.execute(query).mappings().first()
             return None if row is None else convert.certificate_from_row(row)
 
     def key_fingerprint_used(self, fingerprint: str) -> bool:
-        with self._read("looking up a public key") as session:
-            found = session.execute(
-                select(CERTIFICATE.c.serial)
-                .where(CERTIFICATE.c.public_key_fingerprint == fingerprint)
-                .limit(1)
-            ).first()
-            return found is not None
+        with self._reading("looking up a public key") as sql:
+            return sql.first(self._sql.key_used, fingerprint=fingerprint) is not None
 
     def revoked_certificates(self) -> list[CertificateRecord]:
         query = (
@@ -304,19 +308,16 @@ class SqlStore:
             .where(CERTIFICATE.c.status == CertificateStatus.REVOKED.value)
             .order_by(CERTIFICATE.c.serial)
         )
-        with self._read("listing revoked certificates") as session:
-            return [convert.certificate_from_row(row) for row in session.execute(query).mappings()]
+        with self._read("listing revoked certificates") as connection:
+            rows = connection.execute(query).mappings()
+            return [convert.certificate_from_row(row) for row in rows]
 
     # idempotency
 
     def get_response(self, identity_id: str, request_id: str) -> StoredResponse | None:
-        with self._read("reading a stored response") as session:
-            row = session.execute(
-                select(RESPONSE).where(
-                    RESPONSE.c.identity_id == identity_id, RESPONSE.c.request_id == request_id
-                )
-            ).mappings().first()
-            return None if row is None else convert.response_from_row(row)
+        with self._reading("reading a stored response") as sql:
+            row = sql.first(self._sql.response, identity_id=identity_id, request_id=request_id)
+        return None if row is None else convert.response_from_row(row)
 
     def record_outcome(
         self,
@@ -331,46 +332,45 @@ class SqlStore:
         certificate_values = (
             None if certificate is None else convert.certificate_values(certificate)
         )
-        owner_known = (
-            certificate is None
-            or (identity is not None
-            and identity.id == certificate.identity_id)
+        owner_given = (
+            certificate is not None
+            and identity is not None
+            and identity.id == certificate.identity_id
         )
-        with self._write("recording an outcome") as session:
-            if certificate is not None and not owner_known:
-                owner = session.execute(
-                    select(IDENTITY.c.id).where(IDENTITY.c.id == certificate.identity_id)
-                ).first()
+        statements = self._sql
+        # A stored challenge alone may be lost (see the module docstring); anything that
+        # decides about an identity, issues or is audited is synced before the answer goes out.
+        durable = identity is not None or certificate is not None or bool(audit)
+        with self._writing("recording an outcome", durable=durable) as sql:
+            if certificate is not None and not owner_given:
+                # Lock the owner (PostgreSQL) as the identity upsert below would: concurrent
+                # outcomes for one identity queue here, so the later one supersedes the
+                # certificate the earlier one added instead of meeting it in the index.
+                owner = sql.first(statements.identity_for_update, id=certificate.identity_id)
                 if owner is None:
                     raise KeyError(certificate.identity_id)
-            where_response = (
-                RESPONSE.c.identity_id == response.identity_id,
-                RESPONSE.c.request_id == response.request_id,
+            previous = sql.first(
+                statements.response_outcome,
+                identity_id=response.identity_id,
+                request_id=response.request_id,
             )
-            previous = session.execute(select(RESPONSE.c.outcome).where(*where_response)).first()
-            if previous is not None and previous.outcome != "pending":
+            if previous is not None and previous["outcome"] != "pending":
                 raise DuplicateError(
                     f"request {response.request_id!r} of {response.identity_id!r} already answered"
                 )
             if identity_values is not None:
-                self._upsert_identity(session, identity_values)
+                self._upsert_identity(sql, identity_values)
             if certificate is not None and certificate_values is not None:
-                session.execute(
-                    update(CERTIFICATE)
-                    .where(
-                        CERTIFICATE.c.identity_id == certificate.identity_id,
-                        CERTIFICATE.c.status == CertificateStatus.ACTIVE.value,
-                    )
-                    .values(status=CertificateStatus.SUPERSEDED.value)
-                )
-                session.execute(insert(CERTIFICATE).values(**certificate_values))
+                # Supersede first: one 'active' certificate per identity is a unique index.
+                sql.execute(statements.certificates_supersede, identity_id=certificate.identity_id)
+                sql.execute(statements.certificate_insert, **certificate_values)
             if previous is None:
-                session.execute(insert(RESPONSE).values(**response_values))
+                sql.execute(statements.response_insert, **response_values)
             else:
                 # A pending answer is replaced once the operator has approved and the device
                 # retries the same request.
-                session.execute(update(RESPONSE).where(*where_response).values(**response_values))
-            self._append(session, audit)
+                sql.execute(statements.response_replace, **response_values)
+            self._append(sql, audit)
 
     def change_state(
         self,
@@ -382,40 +382,29 @@ class SqlStore:
     ) -> IdentityRecord:
         wanted = IdentityState(state)
         convert.require_aware_time(at)
-        with self._write("changing an identity's state") as session:
-            row = session.execute(
-                select(IDENTITY).where(IDENTITY.c.id == identity_id).with_for_update()
-            ).mappings().first()
+        with self._writing("changing an identity's state") as sql:
+            row = sql.first(self._sql.identity_for_update, id=identity_id)
             if row is None:
                 raise KeyError(identity_id)
             current = convert.identity_from_row(row)
             check_transition(current.state, wanted)
-            session.execute(
-                update(IDENTITY)
-                .where(IDENTITY.c.id == identity_id)
-                .values(state=wanted.value, updated_at=at)
-            )
+            sql.execute(self._sql.identity_state, id=identity_id, state=wanted.value, updated_at=at)
             if wanted is IdentityState.REVOKED:
-                session.execute(
-                    update(CERTIFICATE)
-                    .where(
-                        CERTIFICATE.c.identity_id == identity_id,
-                        CERTIFICATE.c.status != CertificateStatus.REVOKED.value,
-                    )
-                    .values(
-                        status=CertificateStatus.REVOKED.value,
-                        revoked_at=at,
-                        revocation_reason=revocation_reason,
-                    )
+                sql.execute(
+                    self._sql.certificates_revoke,
+                    identity_id=identity_id,
+                    status=CertificateStatus.REVOKED.value,
+                    revoked_at=at,
+                    revocation_reason=revocation_reason,
                 )
-            self._append(session, audit)
-            return convert.identity_from_row({**row, "state": wanted.value, "updated_at": at})
+            self._append(sql, audit)
+        return convert.identity_from_row({**row, "state": wanted.value, "updated_at": at})
 
     # audit trail
 
     def append_audit(self, entries: Sequence[AuditEntry]) -> list[AuditRecord]:
-        with self._write("appending to the audit trail") as session:
-            return self._append(session, entries)
+        with self._writing("appending to the audit trail") as sql:
+            return self._append(sql, entries)
 
     def audit_records(self, after_seq: int = 0, limit: int | None = None) -> list[AuditRecord]:
         if limit is not None and limit < 0:
@@ -423,24 +412,24 @@ class SqlStore:
         query = select(AUDIT).where(AUDIT.c.seq > after_seq).order_by(AUDIT.c.seq)
         if limit is not None:
             query = query.limit(limit)
-        with self._read("reading the audit trail") as session:
-            return [convert.audit_from_row(row) for row in session.execute(query).mappings()]
+        with self._read("reading the audit trail") as connection:
+            return [convert.audit_from_row(row) for row in connection.execute(query).mappings()]
 
     def audit_head(self) -> AuditRecord | None:
         # The primary key index read backwards: one row, whatever the trail's length.
         query = select(AUDIT).order_by(AUDIT.c.seq.desc()).limit(1)
-        with self._read("reading the audit head") as session:
-            row = session.execute(query).mappings().first()
+        with self._read("reading the audit head") as connection:
+            row = connection.execute(query).mappings().first()
             return None if row is None else convert.audit_from_row(row)
 
     def put_checkpoint(self, checkpoint: AuditCheckpoint) -> None:
         values = convert.checkpoint_values(checkpoint)
-        with self._write("storing an audit checkpoint") as session:
-            session.execute(insert(CHECKPOINT).values(**values))
+        with self._write("storing an audit checkpoint") as connection:
+            connection.execute(insert(CHECKPOINT).values(**values))
 
     def checkpoints(self) -> list[AuditCheckpoint]:
-        with self._read("reading audit checkpoints") as session:
-            rows = session.execute(select(CHECKPOINT).order_by(CHECKPOINT.c.seq)).mappings()
+        with self._read("reading audit checkpoints") as connection:
+            rows = connection.execute(select(CHECKPOINT).order_by(CHECKPOINT.c.seq)).mappings()
             return [convert.checkpoint_from_row(row) for row in rows]
 
     # refused connections
@@ -456,8 +445,8 @@ class SqlStore:
             merged[record.key] = merge_refusals(merged.get(record.key), record)
         rows = [convert.refusal_values(record) for record in merged.values()]
         statement = refusal_upsert(self._engine.dialect.name)
-        with self._write("recording refused connections") as session:
-            session.execute(statement, rows)
+        with self._write("recording refused connections") as connection:
+            connection.execute(statement, rows)
 
     def refusals(self, limit: int = 500, since: datetime | None = None) -> list[RefusalRecord]:
         check_limit(limit)
@@ -468,37 +457,29 @@ class SqlStore:
         )
         if since is not None:
             query = query.where(REFUSAL.c.last_seen >= convert.require_aware_time(since, "since"))
-        with self._read("reading refused connections") as session:
-            return [convert.refusal_from_row(row) for row in session.execute(query).mappings()]
+        with self._read("reading refused connections") as connection:
+            return [convert.refusal_from_row(row) for row in connection.execute(query).mappings()]
 
     # helpers, inside the caller's transaction
 
-    @staticmethod
-    def _upsert_identity(session: Session, values: dict[str, Any]) -> None:
+    def _upsert_identity(self, sql: Transaction, values: dict[str, Any]) -> None:
         # UPDATE then INSERT is portable (no dialect-specific ON CONFLICT) and one statement in
-        # the common case.
-        changes = {name: value for name, value in values.items() if name != "id"}
-        result = session.execute(
-            update(IDENTITY).where(IDENTITY.c.id == values["id"]).values(**changes)
-        )
-        if _rowcount(result) == 0:
-            session.execute(insert(IDENTITY).values(**values))
+        # the common case. On PostgreSQL the UPDATE also locks the row until the commit.
+        if sql.execute(self._sql.identity_update, **values) == 0:
+            sql.execute(self._sql.identity_insert, **values)
 
-    @staticmethod
-    def _append(session: Session, entries: Sequence[AuditEntry]) -> list[AuditRecord]:
+    def _append(self, sql: Transaction, entries: Sequence[AuditEntry]) -> list[AuditRecord]:
         if not entries:
             return []
-        if session.connection().dialect.name == "postgresql":
+        if self._postgres:
             # Appenders must queue before reading the head. SELECT ... ORDER BY seq DESC LIMIT 1
             # FOR UPDATE does not do it: the second appender waits on the same head row and,
             # once the first commits, still holds that old head (the ORDER BY was evaluated
             # before the wait), so both insert the same seq. SQLite needs nothing: BEGIN
             # IMMEDIATE already serialises writers.
-            session.execute(select(func.pg_advisory_xact_lock(_AUDIT_APPEND_LOCK)))
-        head_row = session.execute(
-            select(AUDIT).order_by(AUDIT.c.seq.desc()).limit(1)
-        ).mappings().first()
+            sql.first(self._sql.audit_lock)
+        head_row = sql.first(self._sql.audit_head)
         head = None if head_row is None else convert.audit_from_row(head_row)
         records = chain(head, list(entries))
-        session.execute(insert(AUDIT), [convert.audit_values(record) for record in records])
+        sql.execute_many(self._sql.audit_insert, [convert.audit_values(r) for r in records])
         return records

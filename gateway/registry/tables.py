@@ -25,6 +25,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import registry
 from sqlmodel import Field, SQLModel
@@ -33,6 +34,7 @@ from gateway.registry.types import UtcDateTime
 
 __all__ = [
     "METADATA",
+    "ONE_ACTIVE_CERTIFICATE",
     "AuditCheckpointRow",
     "AuditEventRow",
     "BootstrapTokenRow",
@@ -84,6 +86,12 @@ class IdentityRow(RegistryModel, table=True):
     reattest_required: bool = Field(default=False, sa_type=Boolean)
 
 
+ONE_ACTIVE_CERTIFICATE = "uq_certificate_identity_id_active"
+"""The partial unique index that allows one 'active' certificate per identity."""
+
+_ACTIVE_ONLY = text("status = 'active'")
+
+
 class CertificateRow(RegistryModel, table=True):
     __tablename__ = "certificate"
     __table_args__ = (
@@ -91,6 +99,15 @@ class CertificateRow(RegistryModel, table=True):
         ForeignKeyConstraint(["identity_id"], ["identity.id"]),
         Index(None, "identity_id"),
         Index(None, "status"),
+        # A new certificate supersedes the active one in the same transaction; the database
+        # itself refuses a second active one, whatever process or gateway writes it.
+        Index(
+            ONE_ACTIVE_CERTIFICATE,
+            "identity_id",
+            unique=True,
+            sqlite_where=_ACTIVE_ONLY,
+            postgresql_where=_ACTIVE_ONLY,
+        ),
     )
 
     # Serial numbers are up to 160 bits: stored as 40 zero-padded lower-case hex digits, which
