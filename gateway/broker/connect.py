@@ -13,12 +13,15 @@ the stream.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
 from amqtt.adapters import ReaderAdapter, StreamWriterAdapter
+
+from gateway.broker.ingress import IngressMeter
 
 __all__ = [
     "CONNECT_MAX_BYTES",
@@ -37,6 +40,7 @@ __all__ = [
 CONNECT_MAX_BYTES = 64 * 1024
 _CONNECT = 1
 _MQTT_311 = 4
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 
 
 class ConnackCode(IntEnum):
@@ -205,6 +209,19 @@ class ReplayReader(ReaderAdapter):  # type: ignore[misc]  # amqtt's classes are 
     read of its announced size, up to 256 MB) ends the stream instead of buffering it; and
     ``on_end`` runs when the stream ends for any reason other than our own close, before amqtt
     decides whether to publish the client's will.
+
+    With ``sock`` (the connection's TCP socket), a read about to wait for the peer first
+    acknowledges what the peer sent so far (``TCP_QUICKACK``, Linux). A client without
+    TCP_NODELAY (lwIP and many device stacks) holds a packet written right after a small one
+    (a PUBACK, then the next request) until that small one is acknowledged, and a Linux
+    receiver that has nothing to answer delays its acknowledgement by up to 40 ms: measured
+    here, 43 ms of a 66 ms enrollment. Asking for the acknowledgement while waiting removes the
+    stall at the cost of one system call per wait.
+
+    With an ``ingress`` meter, the live stream's bytes are charged to the connection's budget
+    (``gateway.broker.ingress``); a connection over budget waits before its next read (the
+    wait comes before the read, so amqtt cancelling a read on its own timeout loses no byte)
+    and ``on_throttled(seconds)`` is told. The replayed CONNECT is not charged.
     """
 
     def __init__(
@@ -214,11 +231,18 @@ class ReplayReader(ReaderAdapter):  # type: ignore[misc]  # amqtt's classes are 
         *,
         max_read: int | None = None,
         on_end: Callable[[], None] | None = None,
+        ingress: IngressMeter | None = None,
+        on_throttled: Callable[[float], None] | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
         self._replay = replay
         self._reader = reader
         self._max_read = max_read
         self._on_end = on_end
+        self._ingress = ingress
+        self._on_throttled = on_throttled
+        self._resume_at = 0.0  # monotonic time before which the next read waits
+        self._sock = sock if _QUICKACK is not None else None
         self._ended = False
         self._refused_read = False
         # monotonic time of the last bytes from the peer (keep-alive enforcement)
@@ -247,16 +271,38 @@ class ReplayReader(ReaderAdapter):  # type: ignore[misc]  # amqtt's classes are 
             self._refused_read = True
             self._end()
             return b""
+        if self._resume_at:
+            await self._wait_for_budget()
+        if self._sock is not None and not getattr(self._reader, "_buffer", True):
+            self._acknowledge()
         try:
             data = await (self._reader.read(n) if n < 0 else self._reader.readexactly(n))
         except (asyncio.IncompleteReadError, ConnectionError):
             self._end()
             raise
         if data:
-            self.last_activity = time.monotonic()
+            self.last_activity = now = time.monotonic()
+            if self._ingress is not None:
+                wait = self._ingress.charge(data, now)
+                if wait > 0:
+                    self._resume_at = now + wait
         else:
             self._end()
         return data
+
+    def _acknowledge(self) -> None:
+        try:
+            self._sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)  # type: ignore[union-attr,arg-type]
+        except OSError:
+            self._sock = None  # not a TCP socket after all, or gone: stop asking
+
+    async def _wait_for_budget(self) -> None:
+        delay = self._resume_at - time.monotonic()
+        if delay > 0:
+            if self._on_throttled is not None:
+                self._on_throttled(delay)
+            await asyncio.sleep(delay)  # cancelled here (amqtt's timeout): still owed next time
+        self._resume_at = 0.0
 
     def feed_eof(self) -> None:
         self._reader.feed_eof()

@@ -7,8 +7,9 @@
 Each accepted connection goes through, in order: TLS (with the client's certificate recorded
 even when it is refused, see ``gateway.broker.tls``), the CONNECT read and judged here (see
 ``gateway.broker.connect`` for why before amqtt), and only then amqtt, through an external
-listener. amqtt's plugins ask this object for the principal of a session and for every topic
-decision; the decisions themselves are ``gateway.acl.TopicAcl``'s.
+listener. amqtt's auth plugin asks this object for the principal of a session and the broker
+(``FilteringBroker``) asks it for every topic decision; the decisions themselves are
+``gateway.acl.TopicAcl``'s.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from functools import partial
+from typing import TypeGuard
 
 from amqtt.session import Session
 from cryptography import x509
@@ -41,7 +43,7 @@ from gateway.acl import (
 from gateway.broker.amqtt_glue import (
     AuthPlugin,
     FilteringBroker,
-    TopicPlugin,
+    install_compact_sessions,
     install_quiet_disconnects,
     register,
     unregister,
@@ -55,6 +57,7 @@ from gateway.broker.connect import (
     connack,
     read_connect,
 )
+from gateway.broker.ingress import IngressLimit, IngressMeter
 from gateway.broker.refusals import RefusalReason, RefusedConnection
 from gateway.broker.tls import (
     CertificateInfo,
@@ -63,9 +66,11 @@ from gateway.broker.tls import (
     capturing_peer,
     certificate_info,
     classify_handshake_error,
+    compact_read_buffer,
     revoked_serials,
 )
 from gateway.broker_control import IdentityLike
+from gateway.observe import Connected, Denied, Disconnected, Observation, Observer, Published
 from gateway.store import IdentityState
 from pki.clock import Clock, SystemClock
 from pki.profile import IdentityKind, is_identity_name, parse_spiffe_id
@@ -86,6 +91,9 @@ _RANK = {"enrollee": 0, "device": 1, "operator": 1, "service": 1, "internal": 2}
 _CONNACK_FOR_REFUSAL: dict[str, ConnackCode] = {
     Refusal.CLIENT_ID_MISMATCH: ConnackCode.IDENTIFIER_REJECTED,
 }
+# Whose reads the ingress limit paces: the identities a fleet has thousands of. The gateway's
+# own clients, operators and services are few, trusted with more, and answer for themselves.
+_INGRESS_LIMITED_KINDS = frozenset({"enrollee", "device"})
 _KICK_WAIT_SECONDS = 1.0
 _CONNACK_FLUSH_SECONDS = 1.0
 
@@ -93,6 +101,19 @@ _CONNACK_FLUSH_SECONDS = 1.0
 def _host(remote: str) -> str:
     """The host part of a "host:port" peer (IPv6 hosts contain colons)."""
     return remote.rsplit(":", 1)[0]
+
+
+def _tcp_socket(writer: asyncio.StreamWriter) -> socket.socket | None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        return sock  # type: ignore[no-any-return]
+    return None
+
+
+def _observed(principal: object) -> TypeGuard[Principal]:
+    """Observations are about certificate identities (devices, operators, services): not
+    enrollees, whose name is only a claim, nor the gateway's own internal client."""
+    return isinstance(principal, Principal) and principal.listener == LISTENER_OPERATIONAL
 
 
 def _check_port(value: object, name: str) -> None:
@@ -151,6 +172,43 @@ class _Connection:
             self.writer.transport.abort()
 
 
+class _KeepaliveWatchdog:
+    """MQTT 3.1.1 section 3.1.2.10: no packet within 1.5 x keep alive -> disconnect. amqtt
+    0.12.1 only times out its read and keeps waiting, so half-open connections would stay.
+
+    A timer re-armed from the last activity rather than a task per connection: with thousands
+    of idle sessions, a sleeping task each is memory held for nothing."""
+
+    __slots__ = ("_broker", "_conn", "_handle", "_limit", "_reader")
+
+    def __init__(
+        self, broker: EmbeddedBroker, conn: _Connection, reader: ReplayReader, keep_alive: int
+    ) -> None:
+        self._broker = broker
+        self._conn = conn
+        self._reader = reader
+        self._limit = keep_alive * 1.5
+        self._handle: asyncio.TimerHandle | None = None
+        if keep_alive > 0:
+            self._arm(self._limit)
+
+    def _arm(self, delay: float) -> None:
+        self._handle = asyncio.get_running_loop().call_later(delay, self._check)
+
+    def _check(self) -> None:
+        idle = time.monotonic() - self._reader.last_activity
+        if idle < self._limit:
+            self._arm(self._limit - idle)
+        else:
+            self._handle = None
+            self._broker._keepalive_expired(self._conn)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
 class _Refused(Exception):
     def __init__(
         self, reason: str, connack_code: ConnackCode | None = None, detail: str = ""
@@ -171,8 +229,21 @@ class EmbeddedBroker:
     ``on_refused`` for
     every refused attempt. Callbacks run on the event loop: keep them quick.
 
+    ``observer`` receives ``gateway.observe`` observations about the certificate identities of
+    the operational listener (devices, operators, services; never enrollees nor the internal
+    client): ``Connected`` on admission, ``Disconnected`` when that session ends, ``Published``
+    for every publish the ACL allowed (a will included), ``Denied`` for every refused publish,
+    subscription or delivery. An observer that raises is counted (``observer.errors``), logged
+    once, and never breaks the broker.
+
+    ``ingress_limit`` paces what each enrollee and device connection may send (a token bucket
+    on packets and one on bytes per connection, ``gateway.broker.ingress`` for the defaults;
+    None: no limit): a flooding client is slowed by not being read, the others are not.
+
     ``metrics`` counts ``denied.<action>`` for refused publishes/subscriptions/deliveries and
-    ``refused.<reason>`` for refused connections; ``connected.<listener>`` for admissions.
+    ``refused.<reason>`` for refused connections; ``connected.<listener>`` for admissions;
+    ``ingress.throttled`` for each pause of an over-budget connection, ``ingress.throttled_ms``
+    for their total length.
     """
 
     def __init__(
@@ -187,6 +258,7 @@ class EmbeddedBroker:
         on_disconnect: Callable[[Principal], None] | None = None,
         on_refused: Callable[[RefusedConnection], None] | None = None,
         on_clone: Callable[[Principal, str, str], None] | None = None,
+        observer: Observer | None = None,
         internal_username: str = INTERNAL_USERNAME,
         trust_domain: str | None = None,
         clock: Clock | None = None,
@@ -194,6 +266,7 @@ class EmbeddedBroker:
         connect_timeout: float = 10.0,
         max_packet_bytes: int = 256 * 1024,
         session_expiry_seconds: int = 24 * 3600,
+        ingress_limit: IngressLimit | None = IngressLimit(),  # frozen: one instance serves all
     ) -> None:
         if not isinstance(listeners, ListenerConfig):
             raise TypeError("listeners must be a ListenerConfig")
@@ -205,6 +278,8 @@ class EmbeddedBroker:
             raise TypeError("internal_password must be a str")
         if len(internal_password) < 16:
             raise ValueError("internal_password must have at least 16 characters")
+        if ingress_limit is not None and not isinstance(ingress_limit, IngressLimit):
+            raise TypeError("ingress_limit must be an IngressLimit or None")
         if not is_identity_name(internal_username):
             raise ValueError(f"internal_username {internal_username!r} is not a valid name")
         for name, value in (
@@ -225,10 +300,13 @@ class EmbeddedBroker:
         self._connect_timeout = float(connect_timeout)
         self._max_packet_bytes = int(max_packet_bytes)
         self._session_expiry = int(session_expiry_seconds)
+        self._ingress_limit = ingress_limit
         self._on_connect = on_connect
         self._on_disconnect = on_disconnect
         self._on_refused = on_refused
         self._on_clone = on_clone
+        self._observer = observer
+        self._observer_failed = False
         self._tls = tls
         self._crl_pem = crl_pem
         self._revoked = revoked_serials(crl_pem) if crl_pem is not None else frozenset[int]()
@@ -264,7 +342,6 @@ class EmbeddedBroker:
             "session_expiry_interval": self._session_expiry,
             "plugins": {
                 f"{AuthPlugin.__module__}.{AuthPlugin.__name__}": {"broker_key": self._key},
-                f"{TopicPlugin.__module__}.{TopicPlugin.__name__}": {"broker_key": self._key},
             },
         }
 
@@ -273,9 +350,12 @@ class EmbeddedBroker:
         if self._broker is not None:
             raise RuntimeError("broker already started")
         install_quiet_disconnects()
+        install_compact_sessions()
         register(self._key, self)
         self._stopping = False
-        self._broker = FilteringBroker(self._amqtt_config())
+        self._broker = FilteringBroker(
+            self._amqtt_config(), permits=self.permits, on_publish=self._published
+        )
         await self._broker.start()
         binds = (
             (LISTENER_ENROLLMENT, self._listeners.host, self._listeners.enrollment_port),
@@ -423,6 +503,8 @@ class EmbeddedBroker:
                 self._on_connect(conn.principal, conn.remote)
             except Exception:
                 log.exception("on_connect callback failed")
+        if _observed(conn.principal):
+            self._observe(Connected(conn.principal.name, conn.remote))
         return True
 
     def permits(self, session: Session, action: Action, topic: str) -> bool:
@@ -436,7 +518,28 @@ class EmbeddedBroker:
         if not allowed:
             self.metrics[f"denied.{action}"] += 1
             log.debug("denied %s %r for %s", action, topic, session.client_id)
+            if _observed(principal):
+                self._observe(Denied(principal.name, action, topic))
         return allowed
+
+    def _published(self, session: Session, topic: str, size: int) -> None:
+        """amqtt routes a message the ACL let ``session`` publish (its will included)."""
+        principal = session.attributes.get(PRINCIPAL_ATTR)
+        if _observed(principal):
+            self._observe(Published(principal.name, topic, size))
+
+    def _observe(self, observation: Observation) -> None:
+        observer = self._observer
+        if observer is None:
+            return
+        try:
+            observer(observation)
+        except Exception:
+            self.metrics["observer.errors"] += 1
+            if not self._observer_failed:
+                # once: an observer that fails tends to fail on every message
+                self._observer_failed = True
+                log.exception("observer failed on %r (later failures only counted)", observation)
 
     # -- one connection -------------------------------------------------------------------------
 
@@ -447,8 +550,8 @@ class EmbeddedBroker:
         conn = _Connection(listener, f"{peer[0]}:{peer[1]}", writer)
         self._conns.add(conn)
         try:
-            sock = writer.get_extra_info("socket")
-            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock = _tcp_socket(writer)
+            if sock is not None:
                 # request/reply over MQTT stalls on delayed ACKs without it (notes: 11/s -> 830/s)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await self._serve_connection(conn, reader, writer)
@@ -491,16 +594,23 @@ class EmbeddedBroker:
         self._pending[request.client_id] = conn
         await self._drop_foreign_session(request.client_id, principal)
         conn.adapter = StreamWriter(writer)
+        limit = self._ingress_limit if principal.kind in _INGRESS_LIMITED_KINDS else None
         replay = ReplayReader(
             raw,
             reader,
             max_read=None if conn.listener == LISTENER_INTERNAL else self._max_packet_bytes,
             on_end=partial(self._stream_ended, conn),
+            ingress=IngressMeter(limit, time.monotonic()) if limit is not None else None,
+            on_throttled=self._throttled,
+            sock=_tcp_socket(writer),
         )
         broker = self._broker
         if broker is None or self._stopping:
             raise _Refused(RefusalReason.SHUTTING_DOWN, ConnackCode.SERVER_UNAVAILABLE)
-        watchdog = asyncio.ensure_future(self._keepalive_watchdog(conn, replay, request.keep_alive))
+        # the certificate served the refusal reports; an admitted session keeps only its
+        # principal (the parsed certificate weighs a few kB per connected device)
+        conn.cert = None
+        watchdog = _KeepaliveWatchdog(self, conn, replay, request.keep_alive)
         try:
             await broker.external_connected(replay, conn.adapter, conn.listener)
         finally:
@@ -517,6 +627,8 @@ class EmbeddedBroker:
                 conn.cert = certificate_info(capture.leaf)
                 conn.kicked = True  # nothing to say to this peer: abort
                 raise _Refused(reason, detail=detail) from None
+        if not compact_read_buffer(writer):
+            self.metrics["tls.buffer_not_compacted"] += 1
 
     def _principal_from_certificate(
         self, conn: _Connection, writer: asyncio.StreamWriter
@@ -647,6 +759,10 @@ class EmbeddedBroker:
         if not isinstance(previous, Principal) or previous.identity != principal.identity:
             await broker._cleanup_session(client_id)
 
+    def _throttled(self, seconds: float) -> None:
+        self.metrics["ingress.throttled"] += 1
+        self.metrics["ingress.throttled_ms"] += round(seconds * 1000)
+
     def _stream_ended(self, conn: _Connection) -> None:
         """The peer went away without DISCONNECT: amqtt is about to publish its will. Judge the
         will against the state now, not the state at CONNECT (quarantine may have come since)."""
@@ -657,24 +773,13 @@ class EmbeddedBroker:
         if conn.kicked or not self._acl.allows(principal, Action.PUBLISH, topic):
             session.will_flag = False
             self.metrics["denied.will"] += 1
+            if not conn.kicked and _observed(principal):
+                self._observe(Denied(principal.name, Action.PUBLISH, topic))
 
-    async def _keepalive_watchdog(
-        self, conn: _Connection, reader: ReplayReader, keep_alive: int
-    ) -> None:
-        """MQTT 3.1.1 section 3.1.2.10: no packet within 1.5 x keep alive -> disconnect. amqtt
-        0.12.1 only times out its read and keeps waiting, so half-open connections would stay."""
-        if keep_alive <= 0:
-            return
-        limit = keep_alive * 1.5
-        while True:
-            idle = time.monotonic() - reader.last_activity
-            if idle < limit:
-                await asyncio.sleep(limit - idle)
-                continue
-            log.info("keep-alive expired for %s", conn.client_id)
-            self.metrics["disconnected.keepalive"] += 1
-            await self._cut(conn, wait=False)
-            return
+    def _keepalive_expired(self, conn: _Connection) -> None:
+        log.info("keep-alive expired for %s", conn.client_id)
+        self.metrics["disconnected.keepalive"] += 1
+        self._in_background(self._cut(conn, wait=False))
 
     def _forget(self, conn: _Connection) -> None:
         cid = conn.client_id or ""
@@ -687,6 +792,8 @@ class EmbeddedBroker:
                     self._on_disconnect(conn.principal)
                 except Exception:
                     log.exception("on_disconnect callback failed")
+            if _observed(conn.principal):
+                self._observe(Disconnected(conn.principal.name))
 
     async def _refuse(self, conn: _Connection, refused: _Refused) -> None:
         if self._stopping:

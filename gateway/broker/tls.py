@@ -19,6 +19,8 @@ loaded); nothing here accepts a certificate OpenSSL rejected.
 
 from __future__ import annotations
 
+import asyncio
+import asyncio.sslproto
 import contextlib
 import contextvars
 import hashlib
@@ -36,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from gateway.broker.refusals import RefusalReason
 
 __all__ = [
+    "TLS_READ_BUFFER_BYTES",
     "CapturingContext",
     "CertificateInfo",
     "PeerCapture",
@@ -44,6 +47,7 @@ __all__ = [
     "capturing_peer",
     "certificate_info",
     "classify_handshake_error",
+    "compact_read_buffer",
     "revoked_serials",
 ]
 
@@ -243,6 +247,40 @@ def build_server_context(
     with contextlib.suppress(AttributeError, TypeError):
         ctx._msg_callback = _record_client_certificate  # type: ignore[attr-defined]
     return ctx
+
+
+# asyncio gives every TLS connection a 256 KiB receive buffer (``SSLProtocol.max_size``), written
+# to zero when the connection is made, so all of it is resident for as long as the connection
+# lives: measured with 1,000 device sessions, 358 kB per device at 256 KiB, 134 kB at 32 KiB,
+# 105 kB at 4 KiB. It only bounds how many ciphertext bytes one socket read takes (and how
+# many plaintext bytes one SSLObject.read returns): a TLS record of up to 16 KiB arrives over a
+# few reads instead of one, and nothing is lost or reordered. MQTT packets here are small.
+TLS_READ_BUFFER_BYTES = 4 * 1024
+
+
+def compact_read_buffer(
+    writer: asyncio.StreamWriter, size: int = TLS_READ_BUFFER_BYTES
+) -> bool:
+    """Give this connection's TLS layer a ``size``-byte receive buffer instead of asyncio's
+    256 KiB. Call right after ``start_tls`` has returned (handshake done, no read running).
+
+    Per connection, not process-wide: asyncio has no parameter for it, and its class
+    attribute would change every asyncio TLS connection of the process (database drivers,
+    HTTP clients), not only the broker's. The cost is private names of
+    ``asyncio.sslproto.SSLProtocol`` (CPython 3.11's rewrite of it has them); without them this
+    returns False and the connection keeps asyncio's buffer, nothing worse."""
+    protocol = getattr(writer.transport, "_ssl_protocol", None)
+    if not isinstance(protocol, asyncio.sslproto.SSLProtocol):
+        return False
+    if not hasattr(protocol, "_ssl_buffer") or not hasattr(protocol, "_ssl_buffer_view"):
+        return False
+    # get_buffer() hands the transport min(max_size, buffer length) bytes per read; an
+    # instance attribute keeps the class (every other connection) as it is
+    protocol.max_size = size  # type: ignore[misc]  # on purpose: this instance only
+    buffer = bytearray(size)
+    protocol._ssl_buffer = buffer
+    protocol._ssl_buffer_view = memoryview(buffer)
+    return True
 
 
 def revoked_serials(crl_pem: bytes) -> frozenset[int]:

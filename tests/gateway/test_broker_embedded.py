@@ -727,9 +727,9 @@ def test_the_subscription_table_can_change_while_a_message_is_delivered() -> Non
     """amqtt walks its subscription table across awaits when it delivers a message; a client
     subscribing meanwhile used to kill that delivery (RuntimeError: dictionary changed size
     during iteration). The broker's table hands out a snapshot."""
-    from gateway.broker.amqtt_glue import _SnapshotItems
+    from gateway.broker.routing import SubscriptionTable
 
-    table = _SnapshotItems({"a/#": [], "b/#": []})
+    table = SubscriptionTable({"a/#": [], "b/#": []})
     walked = []
     for topic_filter, _subscribers in table.items():
         walked.append(topic_filter)
