@@ -42,8 +42,11 @@ from gateway.cluster import (
 )
 from gateway.config import Settings
 from gateway.enrollment import ApprovalRule, EnrollmentPolicy, EnrollmentService
+from gateway.enrollment.publish import Publish
 from gateway.enrollment.ratelimit import RateLimiter, RateLimits
 from gateway.home import AUDIT_KEY, load_keys, load_manufacturer_roots, pem
+from gateway.mosquitto.observe import DEVICE_PUBLISH_FILTERS
+from gateway.mosquitto.observe import published as mosquitto_published
 from gateway.protocol import topics
 from gateway.registry import SqlStore
 from gateway.store import (
@@ -54,6 +57,7 @@ from gateway.store import (
     refusal_key,
 )
 from gateway.transport import BrokerAddress, MqttTransport, Outgoing, Route
+from gateway.watch import EVALUATE_SECONDS, BehaviourWatch
 from pki.clock import Clock, SystemClock
 from pki.crl import RevokedEntry, build_crl
 from pki.issue import Issuer
@@ -236,12 +240,20 @@ class Gateway:
         # One device may not flood the core; the total stays above what two cores can serve
         # (~2,000 requests/s measured), so it bounds queues without capping a real fleet.
         limits = RateLimits(total_rate=3000.0, total_burst=6000)
+        # Extensions (the admin API, behaviour metrics) add MQTT routes and event listeners
+        # here before start().
+        self.routes: list[Route] = []
+        self.listeners: list[EventListener] = []
+        self.watch = BehaviourWatch(self, settings.anomaly)
+        watching = self.watch.enabled
         self.enrollment = EnrollmentService(
             self.store,
             self.issuer,
             self.policy,
             self.clock,
             rate_limiter=RateLimiter(limits, self.clock),
+            observer=self.watch.observe if watching else None,
+            lifetime_cap=self.watch.lifetime_cap if watching else None,
         )
         self.states = IdentityStates(self.store)
         self.acl = TopicAcl(self.states)
@@ -262,10 +274,6 @@ class Gateway:
         self._trust_stamp: tuple[int, int] = (0, 0)
         self._refusals: dict[str, RefusalRecord] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        # Extensions (the admin API, behaviour metrics) add MQTT routes and event listeners
-        # here before start().
-        self.routes: list[Route] = []
-        self.listeners: list[EventListener] = []
         attach_admin(self)
 
     # -- certificates the broker needs -------------------------------------------------------
@@ -407,8 +415,11 @@ class Gateway:
             operational_port=self.settings.broker.operational_port,
             internal_port=0,
         )
+        observer = self.watch.observe if self.watch.enabled else None
         if self.cluster is not None:
-            return self.cluster.broker(clock=self.clock, on_clone=self._clone_seen)
+            return self.cluster.broker(
+                clock=self.clock, on_clone=self._clone_seen, observer=observer
+            )
         if self.broker_kind == "mosquitto":
             from gateway.mosquitto import MosquittoBroker
 
@@ -422,6 +433,7 @@ class Gateway:
                 on_clone=self._clone_seen,
                 on_connect=self._connected,
                 on_disconnect=self._disconnected,
+                observer=observer,
             )
         return EmbeddedBroker(
             listeners,
@@ -435,13 +447,49 @@ class Gateway:
             on_clone=self._clone_seen,
             trust_domain=self.settings.trust_domain,
             clock=self.clock,
+            observer=observer,
         )
+
+    def _requests(self, topic: str, payload: bytes) -> list[Publish]:
+        """The enrollment core's route: each request is first shown to the behaviour watch
+        (the size only; enrollees are no identities the brokers report)."""
+        self.watch.request_seen(topic, len(payload))
+        return self.enrollment.handle(topic, payload)
+
+    def _device_published(self, topic: str, payload: bytes) -> list[Outgoing]:
+        """Mosquitto reports no publishes: the gateway's own client receives what devices
+        publish (the ACL let it through) and tells the watch the topic and size."""
+        observation = mosquitto_published(topic, len(payload))
+        if observation is not None:
+            self.watch.observe(observation)
+        return []
+
+    def _enrollment_routes(self) -> list[Route]:
+        """The enrollment core's two routes, and what the watch needs besides: requests on
+        the enrollment listener always pass by it; on Mosquitto renewals and device messages
+        too (the embedded broker reports those itself, as publishes of their identity)."""
+        watching = self.watch.enabled
+        mosquitto = self.broker_kind == "mosquitto"
+        plain = self.enrollment.handle
+        return [
+            Route(topics.ENROLL_REQUEST_FILTER, self._requests if watching else plain, shared=True),
+            Route(
+                topics.RENEW_REQUEST_FILTER,
+                self._requests if watching and mosquitto else plain,
+                shared=True,
+            ),
+            *(
+                Route(topic_filter, self._device_published, inline=True)
+                for topic_filter in (DEVICE_PUBLISH_FILTERS if watching and mosquitto else ())
+            ),
+        ]
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.states.refresh()
         self._audit_seq = self._audit_head_seq()
         crl = self.crl_pem()
+        self.watch.bind(self._loop)
         self.broker = self._make_broker(crl)
         await self.broker.start()
         username, password = self.broker.internal_credentials
@@ -458,8 +506,7 @@ class Gateway:
                 share_group=SHARE_GROUP if cluster else None,
             ),
             [
-                Route(topics.ENROLL_REQUEST_FILTER, self.enrollment.handle, shared=True),
-                Route(topics.RENEW_REQUEST_FILTER, self.enrollment.handle, shared=True),
+                *self._enrollment_routes(),
                 *(cluster.routes() if cluster else ()),
                 *self.routes,
             ],
@@ -474,6 +521,7 @@ class Gateway:
             asyncio.create_task(self._every(CHECKPOINT_SECONDS, self.audit.maybe_checkpoint)),
             asyncio.create_task(self._every(CRL_REFRESH_SECONDS, self._refresh_crl_if_leading)),
             asyncio.create_task(self._every(TRUST_REFRESH_SECONDS, self._reload_trust)),
+            asyncio.create_task(self._every(EVALUATE_SECONDS, self._evaluate_behaviour)),
             asyncio.create_task(self._every(REFUSAL_FLUSH_SECONDS, self._flush_refusals_if_any)),
         ]
         if cluster is not None:
@@ -623,10 +671,18 @@ class Gateway:
             identity_id, IdentityState.REVOKED, action="revoke", actor=actor, reason=reason
         )
 
+    async def _evaluate_behaviour(self) -> None:
+        """The behaviour watch's verdicts; in a cluster every gateway learns (each hears the
+        whole fleet) and the leader alone acts, as it alone enforces."""
+        if self.watch.enabled:
+            await self.watch.evaluate(act=self._leads)
+
     def _clone_seen(self, principal: Principal, first: str, second: str) -> None:
         """The broker refused a second live session of one device: quarantine it, with the
-        evidence in the audit trail. An operator releases it after looking."""
+        evidence in the audit trail. An operator releases it after looking. (At once, not at
+        the watch's next evaluation: the watch hears of it too and finds it contained.)"""
         self.metrics["clones"] += 1
+        self.watch.clone_seen(principal.name, first, second)
         self.emit("clone", principal.name, first=first, second=second)
         reason = f"clone_detected: live from {first}, second session from {second}"
 
