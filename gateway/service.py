@@ -15,6 +15,7 @@ import asyncio
 import logging
 import secrets
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
@@ -101,27 +102,41 @@ def policy_from_settings(settings: Settings, trusted_roots: tuple) -> Enrollment
 class IdentityStates:
     """The identity states the broker's ACL consults on every message.
 
-    A dict lookup per message instead of a database query; refreshed from the registry every
-    second (so a change made by another process, such as `fleetgate device approve`, reaches
-    the broker within a second) and at once for changes made in this process.
+    A dict lookup per message instead of a database query; loaded at start, updated at once for
+    changes made in this process and, for changes made elsewhere (`fleetgate device ...`,
+    another gateway), by the audit-head poll (``reload``).
+
+    An identity the registry does not hold (an enrollee: the ACL asks on each of its messages)
+    is remembered as missing for ``MISS_SECONDS``, so an enrollment costs no registry reads on
+    the broker's event loop; ``set`` and ``reload`` override that at once.
     """
 
-    def __init__(self, store: Store) -> None:
+    MISS_SECONDS = 2.0
+    MAX_MISSES = 100_000
+
+    def __init__(self, store: Store, *, monotonic: Callable[[], float] = time.monotonic) -> None:
         self._store = store
+        self._monotonic = monotonic
         self._states: dict[str, IdentityState] = {}
+        self._missing: dict[str, float] = {}  # identity -> monotonic time the miss expires
         self._lock = threading.Lock()
 
     def __call__(self, identity_id: str) -> IdentityState | None:
         state = self._states.get(identity_id)
-        if state is None:
-            # Not seen yet: typically a device connecting with the certificate it got a moment
-            # ago. Only the operational listener asks, after a verified handshake with one of
-            # our certificates, so a miss is rare and cheap.
-            record = self._store.get_identity(identity_id)
-            if record is not None:
-                self.set(identity_id, record.state)
-                state = record.state
-        return state
+        if state is not None:
+            return state
+        now = self._monotonic()
+        if self._missing.get(identity_id, 0.0) > now:
+            return None
+        record = self._store.get_identity(identity_id)
+        if record is not None:
+            self.set(identity_id, record.state)
+            return record.state
+        with self._lock:
+            if len(self._missing) >= self.MAX_MISSES:
+                self._missing.clear()  # a scan of random ids: start over, stay bounded
+            self._missing[identity_id] = now + self.MISS_SECONDS
+        return None
 
     def refresh(
         self, *, new_active_devices: bool = True
@@ -133,6 +148,7 @@ class IdentityStates:
         states = {r.id: r.state for r in records}
         with self._lock:
             old, self._states = self._states, states
+            self._missing.clear()
         return {
             r.id: (r.kind, r.state)
             for r in records
@@ -156,23 +172,29 @@ class IdentityStates:
             if record is not None
         ]
         with self._lock:
-            old = self._states
-            self._states = {**old, **{r.id: r.state for r in records}}
+            # only the states these records replace, not a copy of the fleet's
+            old = {r.id: self._states.get(r.id) for r in records}
+            for record in records:
+                self._states[record.id] = record.state
+                self._missing.pop(record.id, None)
         return {
             r.id: (r.kind, r.state)
             for r in records
-            if old.get(r.id) is not r.state
+            if old[r.id] is not r.state
             and (
                 new_active_devices
-                or r.id in old
+                or old[r.id] is not None
                 or r.kind is not IdentityKind.DEVICE
                 or r.state is not IdentityState.ACTIVE
             )
         }
 
     def set(self, identity_id: str, state: IdentityState) -> None:
+        # In place: copying the table per change cost O(fleet) per enrollment. A reader on
+        # another thread sees the old or the new state, both fine (single dict operations).
         with self._lock:
-            self._states = {**self._states, identity_id: state}
+            self._states[identity_id] = state
+            self._missing.pop(identity_id, None)
 
 
 @dataclass(frozen=True)
