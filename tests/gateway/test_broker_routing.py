@@ -310,3 +310,14 @@ async def collecting_each(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def test_the_table_describes_itself_in_constant_size_whatever_the_fleet() -> None:
+    # amqtt logs repr() of the table on every SUBSCRIBE, at any log level: a repr that grew
+    # with the fleet made onboarding quadratic.
+    small, large = SubscriptionTable(), SubscriptionTable()
+    small["fg/v1/dev/a/cmd/#"] = []
+    for n in range(2000):
+        large[f"fg/v1/dev/d{n}/cmd/#"] = []
+    assert len(repr(large)) <= len(repr(small)) + 4
+    assert "2000 filters" in repr(large)
