@@ -217,7 +217,9 @@ class AnomalyEngine:
             if subject is not None:
                 self._subjects.move_to_end(identity)
             else:
-                subject = self._admit(identity, now)
+                # A certificate was issued after its registry row was written: an enrollee
+                # taken for a stranger a moment ago is looked up again at once.
+                subject = self._admit(identity, now, recheck=type(observation) is CertificateIssued)
             if subject.baseline is None:
                 self._on_stranger(subject, observation, now)
             else:
@@ -453,13 +455,14 @@ class AnomalyEngine:
             return None
         return context
 
-    def _admit(self, identity: str, now: float) -> _Subject:
+    def _admit(self, identity: str, now: float, *, recheck: bool = False) -> _Subject:
         """The subject of an identity not tracked with a baseline: a new tracked subject if
-        the registry holds it with a monitored kind, a stranger otherwise."""
+        the registry holds it with a monitored kind, a stranger otherwise. A stranger is asked
+        about again only every few seconds, unless ``recheck``."""
         stranger = self._strangers.get(identity)
-        if stranger is not None:
-            recheck = RECHECK_UNKNOWN_SECONDS if stranger.monitored else RECHECK_UNMONITORED_SECONDS
-            if now - stranger.checked_at < recheck:
+        if stranger is not None and not recheck:
+            every = RECHECK_UNKNOWN_SECONDS if stranger.monitored else RECHECK_UNMONITORED_SECONDS
+            if now - stranger.checked_at < every:
                 self._strangers.move_to_end(identity)
                 return stranger
         context = self._lookup(identity)

@@ -268,3 +268,16 @@ def test_other_refusals_are_the_protocol_working_not_detections(warm: Rig) -> No
     for reason in ("rate_limited", "nonce_expired", "malformed", "not_enrolled"):
         warm.observe(RequestRefused("th-sensor-1", reason))
     assert warm.run(5) == []
+
+
+def test_a_device_enrolling_right_after_its_hellos_is_tracked_at_once(warm: Rig) -> None:
+    # its hellos came before it was registered: a stranger for a moment
+    warm.observe(Published("th-fresh", "fg/v1/enroll/th-fresh/req", 900))
+    warm.register("th-fresh", enrolled_ago=timedelta(0))
+    warm.observe(CertificateIssued("th-fresh", True, "1.4.2", "a" * 64))
+    # a renewal with other firmware a second later is judged against the attested one
+    warm.clock.advance(timedelta(seconds=1))
+    warm.observe(CertificateIssued("th-fresh", False, "1.5.0", "c" * 64))
+    change = first(warm.run(5), DetectionKind.FIRMWARE_CHANGE)
+    assert change.detection.identity == "th-fresh"
+    assert change.action is Action.QUARANTINE
