@@ -54,6 +54,7 @@ __all__ = [
     "Target",
     "hostile_ids",
     "label_scenario",
+    "quick_scenarios",
     "run_scenario",
     "short_plan",
     "standard_scenarios",
@@ -419,6 +420,27 @@ def standard_scenarios(hostile_devices: int = 2, seconds: float = 90.0) -> tuple
                 mode,
                 hostile_devices=1 if mode == "flood" else hostile_devices,
                 seconds=seconds + (ramp.warmup if mode == EXFIL else 0.0),
+                ramp=ramp,
+            )
+        )
+    scenarios.append(Scenario(CONTROL, hostile_devices=0, seconds=seconds))
+    return tuple(scenarios)
+
+
+def quick_scenarios(
+    hostile_devices: int = 2, seconds: float = 30.0, exfil_warmup: float = 130.0
+) -> tuple[Scenario, ...]:
+    """The standard set in a few minutes: short windows, and exfil devices that behave for
+    ``exfil_warmup`` seconds only (two clean minutes: enough for a detector whose
+    ``warmup_minutes`` is 1, not for one that needs 5)."""
+    scenarios = []
+    for mode in HOSTILE_MODES:
+        ramp = ExfilRamp(warmup=exfil_warmup)
+        scenarios.append(
+            Scenario(
+                mode,
+                hostile_devices=1 if mode == "flood" else hostile_devices,
+                seconds=seconds + (ramp.warmup + seconds if mode == EXFIL else 0.0),
                 ramp=ramp,
             )
         )

@@ -6,8 +6,10 @@ whole run (``simulators.scenarios``): a warm-up first, so that baselines exist, 
 scenarios one after another, each a window in which hostile devices of one mode join the
 fleet, each labelled with the moment its behaviour started. The benchmark listens on the admin
 event stream as an operator of its own (role viewer) and stamps each event with
-``time.monotonic()`` as it arrives: ``anomaly`` events are the detector's alerts,
-``state_changed`` to ``quarantined`` its (or the broker's) quarantines.
+``time.monotonic()`` as it arrives: ``anomaly`` events are the detector's alerts, and so are
+``clone`` events (the broker finds a second session itself and the gateway quarantines at
+once, before the detector's next evaluation); ``state_changed`` to ``quarantined`` its (or
+the broker's) quarantines.
 
 Scoring (pure: ``score_scenario``, ``score_fleet``, ``summarize``). A scenario counts the alerts
 about its own devices until ``grace`` after its window, and those about the fleet within it:
@@ -65,6 +67,7 @@ from simulators.scenarios import (
     ScenarioLabels,
     ScenarioRun,
     Target,
+    quick_scenarios,
     run_scenario,
     standard_scenarios,
 )
@@ -89,6 +92,7 @@ __all__ = [
     "run_detect_bench",
     "score_fleet",
     "score_scenario",
+    "short_options",
     "summarize",
     "with_table_keys",
 ]
@@ -101,7 +105,8 @@ GOALS: Mapping[str, float] = {
 }
 # The offline part: the anomaly package's replay of synthetic devices on a fake clock.
 OFFLINE_MODULE = "gateway.anomaly.evaluate"
-OFFLINE_DEVICES = 200  # normal devices replayed; the hours follow from the device-hours asked
+OFFLINE_DEVICES = 200  # normal devices replayed at most; the hours follow from the device-hours
+OFFLINE_JOIN_MINUTES = 60.0  # ... and they join over this long, as a fleet rolled out
 OPERATOR_NAME = "detect-bench"
 
 
@@ -127,7 +132,7 @@ class DetectBenchError(RuntimeError):
 
 @dataclass(frozen=True)
 class Alert:
-    """One ``anomaly`` event, stamped ``time.monotonic()`` on arrival."""
+    """One ``anomaly`` (or ``clone``) event, stamped ``time.monotonic()`` on arrival."""
 
     subject: str | None
     at: float
@@ -181,6 +186,12 @@ class EventLog:
                         rule=str(data.get("rule", "")),
                         score=_number(data.get("score")),
                     )
+                )
+            elif kind == "clone":
+                # The broker's own detection, quarantined by the gateway at once: the watch
+                # finds it contained and raises no anomaly of its own.
+                self._alerts.append(
+                    Alert(subject, at, detection="clone", action="quarantine", rule="broker")
                 )
             elif kind == "state_changed" and data.get("state") == "quarantined" and subject:
                 self._quarantines.append(Quarantine(subject, at))
@@ -446,9 +457,9 @@ OfflineReplay = Callable[[float, int, Mapping[str, Any]], OfflineOutcome]
 
 
 def load_offline_replay() -> OfflineReplay | None:
-    """The replay of ``OFFLINE_MODULE`` (``replay(ReplaySpec(...)) -> ReplayReport``) over
-    ``OFFLINE_DEVICES`` normal devices, for as many hours as the device-hours asked for; None
-    when the module is not there. A module that is there with another shape is an error, not
+    """The replay of ``OFFLINE_MODULE`` (``replay(ReplaySpec(...)) -> ReplayReport``) over up
+    to ``OFFLINE_DEVICES`` normal devices, for as many hours as the device-hours asked for;
+    None when the module is not there. A module that is there with another shape is an error, not
     a silent skip. Imported by name: the benchmark runs whether or not the gateway has it."""
     try:
         module = importlib.import_module(OFFLINE_MODULE)
@@ -468,10 +479,14 @@ def load_offline_replay() -> OfflineReplay | None:
         )
 
     def normal_hours(device_hours: float, seed: int, table: Mapping[str, Any]) -> OfflineOutcome:
+        # Each device runs at least two hours past joining; they join over the first
+        # OFFLINE_JOIN_MINUTES (half of it lost on average), so the replay is that much longer.
+        devices = min(OFFLINE_DEVICES, max(1, math.floor(device_hours / 2.0)))
         report = replay(
             spec(
-                devices=OFFLINE_DEVICES,
-                hours=device_hours / OFFLINE_DEVICES,
+                devices=devices,
+                hours=device_hours / devices + OFFLINE_JOIN_MINUTES / 120.0,
+                join_spread_minutes=OFFLINE_JOIN_MINUTES,
                 hostile_per_scenario=0,
                 seed=seed,
                 settings=settings.from_table(dict(table)),
@@ -640,6 +655,25 @@ class DetectBenchOptions:
                 for s in self.scenarios
             ],
         }
+
+
+# ``--short``: the standard modes in ~7 minutes live (a 90 s warm-up, 30 s windows, exfil
+# devices behaving for two minutes first), for a detector that trusts a baseline after one
+# clean minute; the offline replay adds the normal hours a few live minutes cannot give.
+SHORT_FLEET = FleetPlan(devices=10, warmup=90.0, telemetry_interval=2.0)
+SHORT_DETECTION_SETTINGS: Mapping[str, str] = {"warmup_minutes": "1"}
+SHORT_OFFLINE_DEVICE_HOURS = 2_000.0
+
+
+def short_options(**changes: Any) -> DetectBenchOptions:
+    """The ``--short`` preset; ``changes`` override any of its options."""
+    preset: dict[str, Any] = {
+        "fleet": SHORT_FLEET,
+        "scenarios": quick_scenarios(),
+        "detection_settings": SHORT_DETECTION_SETTINGS,
+        "offline_device_hours": SHORT_OFFLINE_DEVICE_HOURS,
+    }
+    return DetectBenchOptions(**{**preset, **changes})
 
 
 class EventWatch:

@@ -28,6 +28,7 @@ from simulators.scenarios import (
     Target,
     hostile_ids,
     label_scenario,
+    quick_scenarios,
     run_scenario,
     short_plan,
     standard_scenarios,
@@ -82,6 +83,15 @@ def test_the_standard_set_is_every_hostile_mode_then_a_control() -> None:
     plan, short = short_plan()
     assert [s.mode for s in short] == [*HOSTILE_MODES, CONTROL]
     assert plan.warmup + sum(s.seconds for s in short) <= 120
+
+
+def test_the_quick_set_gives_exfil_devices_two_minutes_and_a_minute_of_ramp() -> None:
+    scenarios = quick_scenarios(hostile_devices=2, seconds=30.0, exfil_warmup=130.0)
+    assert [s.mode for s in scenarios] == [*HOSTILE_MODES, CONTROL]
+    (exfil,) = [s for s in scenarios if s.mode == "exfil"]
+    # two whole minutes connected (one clean minute at least, whatever the first one holds)
+    assert exfil.ramp.warmup >= 120 and exfil.seconds - exfil.ramp.warmup == 60
+    assert sum(s.seconds for s in scenarios) <= 6 * 60
 
 
 def _options(devices: int, batch: str = "abc123") -> ModeOptions:
