@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -288,6 +288,11 @@ class Store(Protocol):
 
     def touch(self, identity_id: str, seen_at: datetime) -> None:
         """Update last_seen_at only; no audit (it is not a decision)."""
+        ...
+
+    def touch_many(self, seen: Mapping[str, datetime]) -> int:
+        """``touch`` for many identities in one transaction (the gateway batches connects);
+        identities the registry does not hold are skipped. Returns how many were updated."""
         ...
 
     # nonces: single use, bound to a device, short-lived

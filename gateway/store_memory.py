@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
@@ -193,6 +193,19 @@ class MemoryStore:
                 raise KeyError(identity_id)
             seen = dataclasses.replace(identity, last_seen_at=seen_at)
             self._identities[identity_id] = seen
+
+    def touch_many(self, seen: Mapping[str, datetime]) -> int:
+        updated = 0
+        with self._lock:
+            for identity_id, seen_at in seen.items():
+                seen_at = require_aware_time(seen_at, "seen_at")
+                identity = self._identities.get(identity_id)
+                if identity is not None:
+                    self._identities[identity_id] = dataclasses.replace(
+                        identity, last_seen_at=seen_at
+                    )
+                    updated += 1
+        return updated
 
     # nonces
 

@@ -267,6 +267,27 @@ async def quarantine_in_force(
 # -- topic isolation ---------------------------------------------------------------------------
 
 
+async def test_connecting_records_when_the_device_was_last_seen(gateway_and_factory) -> None:
+    gateway, factory = gateway_and_factory
+    a = await enroll(gateway, factory, "th-seen1")
+    record = gateway.store.get_identity(a.id)
+    assert record is not None
+    enrolled_seen = record.last_seen_at
+    await asyncio.sleep(0.05)
+    async with online(gateway, a):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5.0  # written with the others of its second
+        while True:
+            record = gateway.store.get_identity(a.id)
+            assert record is not None
+            if record.last_seen_at is not None and (
+                enrolled_seen is None or record.last_seen_at > enrolled_seen
+            ):
+                break
+            assert loop.time() < deadline, "last seen never recorded"
+            await asyncio.sleep(0.1)
+
+
 async def test_a_device_reaches_its_own_topics_and_no_other_devices(gateway_and_factory) -> None:
     gateway, factory = gateway_and_factory
     a = await enroll(gateway, factory, "th-a001")

@@ -258,6 +258,25 @@ def test_touch_with_naive_time_is_refused(store: Store) -> None:
     assert store.get_identity("dev-1") == identity()
 
 
+def test_touch_many_writes_the_known_and_skips_the_unknown(store: Store) -> None:
+    store.put_identity(identity())
+    store.put_identity(identity("dev-2"))
+    first, second = T0 + timedelta(minutes=1), T0 + timedelta(minutes=2)
+    assert store.touch_many({"dev-1": first, "dev-2": second, "ghost": second}) == 2
+    assert store.get_identity("dev-1") == dataclasses.replace(identity(), last_seen_at=first)
+    assert store.get_identity("dev-2").last_seen_at == second  # type: ignore[union-attr]
+    assert store.get_identity("ghost") is None
+    assert store.touch_many({}) == 0
+    assert store.audit_records() == []
+
+
+def test_touch_many_with_a_naive_time_writes_nothing(store: Store) -> None:
+    store.put_identity(identity())
+    with pytest.raises(ValueError):
+        store.touch_many({"dev-1": datetime(2026, 1, 1)})
+    assert store.get_identity("dev-1") == identity()
+
+
 # nonces
 
 
