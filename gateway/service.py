@@ -48,6 +48,7 @@ from gateway.enrollment.ratelimit import RateLimiter, RateLimits
 from gateway.home import AUDIT_KEY, load_keys, load_manufacturer_roots, pem
 from gateway.mosquitto.observe import DEVICE_PUBLISH_FILTERS
 from gateway.mosquitto.observe import published as mosquitto_published
+from gateway.observe import Observation
 from gateway.protocol import topics
 from gateway.registry import SqlStore
 from gateway.store import (
@@ -371,6 +372,10 @@ class Gateway:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     def _connected(self, principal: Principal, remote: str) -> None:
+        if not self._leads:
+            # Every gateway of a cluster hears every connection notice: the leader alone
+            # tells operators and records last-seen (once, not once per gateway).
+            return
         self.emit("connected", principal.name, kind=principal.kind, remote=remote,
                   listener=principal.listener)
         if principal.kind == "device":
@@ -379,6 +384,8 @@ class Gateway:
             self._seen[principal.name] = self.clock.now()
 
     def _disconnected(self, principal: Principal) -> None:
+        if not self._leads:
+            return
         self.emit("disconnected", principal.name, kind=principal.kind, listener=principal.listener)
 
     def _refused(self, refused: RefusedConnection) -> None:
@@ -448,7 +455,9 @@ class Gateway:
         observer = self.watch.observe if self.watch.enabled else None
         if self.cluster is not None:
             return self.cluster.broker(
-                clock=self.clock, on_clone=self._clone_seen, observer=observer
+                clock=self.clock,
+                on_clone=self._clone_seen,
+                observer=self._observe_if_leading if observer else None,
             )
         if self.broker_kind == "mosquitto":
             from gateway.mosquitto import MosquittoBroker
@@ -486,9 +495,18 @@ class Gateway:
         self.watch.request_seen(topic, len(payload))
         return self.enrollment.handle(topic, payload)
 
+    def _observe_if_leading(self, observation: Observation) -> None:
+        """In a cluster every gateway hears the whole fleet's notices and messages; the
+        leader's watch alone learns and acts (a new leader learns afresh, as after a
+        restart), so the work is done once, not once per gateway."""
+        if self._leads:
+            self.watch.observe(observation)
+
     def _device_published(self, topic: str, payload: bytes) -> list[Outgoing]:
         """Mosquitto reports no publishes: the gateway's own client receives what devices
         publish (the ACL let it through) and tells the watch the topic and size."""
+        if not self._leads:
+            return []
         observation = mosquitto_published(topic, len(payload))
         if observation is not None:
             self.watch.observe(observation)

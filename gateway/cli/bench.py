@@ -99,9 +99,7 @@ def _setup(
 def _finish(result: dict[str, Any], as_json: bool, output: Path | None) -> None:
     from gateway.bench.report import render
 
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    _save(result, output)
     if as_json:
         print_json(result)
     else:
@@ -174,9 +172,7 @@ def _scaleout(
         )
     except ScaleoutError as exc:
         fail(str(exc))
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    _save(result, output)
     if as_json:
         print_json(result)
     else:
@@ -415,9 +411,7 @@ def detect_command(
         result = asyncio.run(run_detect_bench(options))
     except DetectBenchError as exc:
         fail(str(exc))
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    _save(result, output)
     if as_json:
         print_json(result)
     else:
@@ -490,3 +484,10 @@ def fuzz_command(
         console.print(render_fuzz(result))
     if result.get("crashes"):
         raise typer.Exit(1)
+
+
+def _save(result: dict[str, Any], output: Path | None) -> None:
+    """``--output``: the JSON result in a file as well (``fleetgate bench plot`` reads it)."""
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=1, default=str) + "\n")

@@ -21,12 +21,15 @@ from pathlib import Path
 import aiomqtt
 import tomli_w
 
+from gateway.cluster import ClusterMember
+from gateway.cluster.keeper import BrokerKeeper
 from gateway.config import CONFIG_NAME, Settings, load_settings
 from gateway.home import init_home
 from gateway.mosquitto import MosquittoError, find_dynsec_plugin, find_mosquitto
 from gateway.protocol.device import DeviceClient, Enrolled, Rejected, Send
 from gateway.protocol.messages import Firmware
 from gateway.protocol.topics import Channel
+from gateway.service import Gateway
 from pki.clock import SystemClock
 from pki.factory import FactoryCA
 from simulators.factory import FIRMWARE_DIGEST, FIRMWARE_VERSION, trust_factory
@@ -304,3 +307,44 @@ async def eventually(check, within: float, what: str, interval: float = 0.1):  #
             return result
         assert time.monotonic() < end, f"{what} within {within} s"
         await asyncio.sleep(interval)
+
+
+class Cluster:
+    """Gateways of one cluster in this process beside the shared broker's keeper."""
+
+    def __init__(self, settings: Settings, keeper: BrokerKeeper) -> None:
+        self.settings = settings
+        self.keeper = keeper
+        self.gateways: list[Gateway] = []
+        self.ca_pem = (settings.ca_dir / "root.crt").read_bytes()
+        self.enforce_timeout = 5.0  # how long a follower waits for the leader's enforcement
+
+    async def add(self, node: str) -> Gateway:
+        member = ClusterMember(
+            self.settings, node=node, interval=0.2, enforce_timeout=self.enforce_timeout
+        )
+        gateway = Gateway(self.settings, cluster=member)
+        self.gateways.append(gateway)
+        await gateway.start()
+        return gateway
+
+    @property
+    def shared(self):  # type: ignore[no-untyped-def]
+        assert self.keeper.shared is not None
+        return self.keeper.shared
+
+    async def connected_device(self, gateway: Gateway, serial: str) -> tuple[str, Session]:
+        """A device enrolled through the shared broker and connected on its operational
+        listener (``gateway`` only names who is expected to serve it)."""
+        shared = self.shared
+        client = device(trust_factory(self.settings), serial)
+        enrolled = await enroll(client, shared.host, shared.enrollment_port, self.ca_pem)
+        session = await operational(
+            enrolled, client.device_id, shared.host, shared.operational_port, self.ca_pem
+        )
+        return client.device_id, session
+
+    async def stop(self) -> None:
+        for gateway in self.gateways:
+            await gateway.stop()
+        await self.keeper.stop()

@@ -7,67 +7,27 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from scaleout_kit import cluster_home, device, enroll, eventually, operational
+from scaleout_kit import Cluster, eventually
 
 from gateway.admin import attach_admin
 from gateway.admin.wire import encode_request
-from gateway.cluster import ClusterMember, PostgresLeaderLock
-from gateway.cluster.keeper import BrokerKeeper
-from gateway.config import Settings
+from gateway.cluster import PostgresLeaderLock
 from gateway.service import Gateway
 from gateway.store import IdentityRecord, IdentityState
 from pki.profile import IdentityKind
-from simulators.factory import trust_factory
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 
 ENFORCE_TIMEOUT = 2.0
 
 
-class Site:
-    def __init__(self, settings: Settings, keeper: BrokerKeeper) -> None:
-        self.settings = settings
-        self.keeper = keeper
-        self.gateways: list[Gateway] = []
-        self.ca_pem = (settings.ca_dir / "root.crt").read_bytes()
-
-    async def add(self, node: str) -> Gateway:
-        member = ClusterMember(
-            self.settings, node=node, interval=0.2, enforce_timeout=ENFORCE_TIMEOUT
-        )
-        gateway = Gateway(self.settings, cluster=member)
-        self.gateways.append(gateway)
-        await gateway.start()
-        return gateway
-
-    async def connected_device(self, gateway: Gateway, serial: str) -> tuple[str, Any]:
-        shared = self.keeper.shared
-        assert shared is not None
-        client = device(trust_factory(self.settings), serial)
-        enrolled = await enroll(client, shared.host, shared.enrollment_port, self.ca_pem)
-        session = await operational(
-            enrolled, client.device_id, shared.host, shared.operational_port, self.ca_pem
-        )
-        return client.device_id, session
-
-
 @pytest.fixture
-async def site(tmp_path: Path, database_url: str, mosquitto: None) -> AsyncIterator[Site]:
-    settings = cluster_home(tmp_path / "home", database_url)
-    keeper = BrokerKeeper(settings)
-    await keeper.start()
-    group = Site(settings, keeper)
-    try:
-        yield group
-    finally:
-        for gateway in group.gateways:
-            await gateway.stop()
-        await group.keeper.stop()
+def site(cluster: Cluster) -> Cluster:
+    cluster.enforce_timeout = ENFORCE_TIMEOUT
+    return cluster
 
 
 def add_admin(gateway: Gateway, name: str = "ada") -> None:
@@ -86,7 +46,7 @@ async def ask(gateway: Gateway, op: str, args: dict[str, Any], operator: str = "
     return json.loads(reply.payload)
 
 
-async def test_a_follower_answers_once_the_leader_enforced_the_change(site: Site) -> None:
+async def test_a_follower_answers_once_the_leader_enforced_the_change(site: Cluster) -> None:
     leader = await site.add("gw-1")
     follower = await site.add("gw-2")
     assert leader.cluster is not None and leader.cluster.is_leader
@@ -102,7 +62,7 @@ async def test_a_follower_answers_once_the_leader_enforced_the_change(site: Site
     await session.close()
 
 
-async def test_without_a_leader_the_operator_hears_not_enforced_yet(site: Site) -> None:
+async def test_without_a_leader_the_operator_hears_not_enforced_yet(site: Cluster) -> None:
     wedged = PostgresLeaderLock(site.settings.database)  # holds the lock, enforces nothing
     assert wedged.try_acquire()
     try:

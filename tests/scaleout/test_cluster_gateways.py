@@ -5,56 +5,18 @@ PostgreSQL: each request is answered once, a revocation through either gateway c
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from cryptography import x509
-from scaleout_kit import cluster_home, device, enroll, eventually, operational, refused
+from scaleout_kit import Cluster, device, enroll, eventually, operational, refused
 
 from gateway import operations
-from gateway.cluster import ClusterError, ClusterMember, ClusterReason, PostgresLeaderLock
+from gateway.cluster import ClusterError, ClusterReason, PostgresLeaderLock
 from gateway.cluster.keeper import BrokerKeeper
-from gateway.config import Settings
-from gateway.service import Gateway
 from gateway.store import IdentityState
 from simulators.factory import trust_factory
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
-
-
-class Cluster:
-    def __init__(self, settings: Settings, keeper: BrokerKeeper) -> None:
-        self.settings = settings
-        self.keeper = keeper
-        self.gateways: list[Gateway] = []
-        self.ca_pem = (settings.ca_dir / "root.crt").read_bytes()
-
-    async def add(self, node: str) -> Gateway:
-        member = ClusterMember(self.settings, node=node, interval=0.2, enforce_timeout=5.0)
-        gateway = Gateway(self.settings, cluster=member)
-        self.gateways.append(gateway)
-        await gateway.start()
-        return gateway
-
-    @property
-    def shared(self):  # type: ignore[no-untyped-def]
-        assert self.keeper.shared is not None
-        return self.keeper.shared
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path, database_url: str, mosquitto: None) -> AsyncIterator[Cluster]:
-    settings = cluster_home(tmp_path / "home", database_url)
-    keeper = BrokerKeeper(settings)
-    await keeper.start()
-    group = Cluster(settings, keeper)
-    try:
-        yield group
-    finally:
-        for gateway in group.gateways:
-            await gateway.stop()
-        await group.keeper.stop()
 
 
 async def test_two_gateways_share_the_requests_and_either_can_revoke(cluster: Cluster) -> None:
