@@ -417,8 +417,11 @@ class MosquittoBroker:
             client_id=f"fleetgate-control-{secrets.token_hex(4)}",
             required=(dynsec.RESPONSE_TOPIC,),
             # connection notices feed connected(); absent on an external broker without
-            # `log_dest topic`, which only makes connected() empty
-            optional=(LOG_NOTICE_TOPIC, LOG_INFO_TOPIC),
+            # `log_dest topic`, which only makes connected() empty. The info lines only tell
+            # that a SIGHUP we sent was taken: an external broker is reloaded by its owner
+            # (the cluster's keeper), and every gateway of a cluster reading them for nothing
+            # cost each a message per line of the fleet's connections.
+            optional=(LOG_NOTICE_TOPIC,) if external else (LOG_NOTICE_TOPIC, LOG_INFO_TOPIC),
             on_message=self._on_admin_message,
             on_lost=lambda: self._fail_pending("the admin connection was lost"),
         )
