@@ -17,7 +17,7 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
@@ -48,7 +48,6 @@ from gateway.enrollment.ratelimit import RateLimiter, RateLimits
 from gateway.home import AUDIT_KEY, load_keys, load_manufacturer_roots, pem
 from gateway.mosquitto.observe import DEVICE_PUBLISH_FILTERS
 from gateway.mosquitto.observe import published as mosquitto_published
-from gateway.observe import Observation
 from gateway.protocol import topics
 from gateway.registry import SqlStore
 from gateway.store import (
@@ -150,17 +149,7 @@ class IdentityStates:
         with self._lock:
             old, self._states = self._states, states
             self._missing.clear()
-        return {
-            r.id: (r.kind, r.state)
-            for r in records
-            if old.get(r.id) is not r.state
-            and (
-                new_active_devices
-                or r.id in old
-                or r.kind is not IdentityKind.DEVICE
-                or r.state is not IdentityState.ACTIVE
-            )
-        }
+        return _changes(records, old, new_active_devices=new_active_devices)
 
     def reload(
         self, identity_ids: Iterable[str], *, new_active_devices: bool = True
@@ -178,17 +167,7 @@ class IdentityStates:
             for record in records:
                 self._states[record.id] = record.state
                 self._missing.pop(record.id, None)
-        return {
-            r.id: (r.kind, r.state)
-            for r in records
-            if old[r.id] is not r.state
-            and (
-                new_active_devices
-                or old[r.id] is not None
-                or r.kind is not IdentityKind.DEVICE
-                or r.state is not IdentityState.ACTIVE
-            )
-        }
+        return _changes(records, old, new_active_devices=new_active_devices)
 
     def set(self, identity_id: str, state: IdentityState) -> None:
         # In place: copying the table per change cost O(fleet) per enrollment. A reader on
@@ -196,6 +175,26 @@ class IdentityStates:
         with self._lock:
             self._states[identity_id] = state
             self._missing.pop(identity_id, None)
+
+
+def _changes(
+    records: Iterable[IdentityRecord],
+    old: Mapping[str, IdentityState | None],
+    *,
+    new_active_devices: bool,
+) -> dict[str, tuple[IdentityKind, IdentityState]]:
+    """The records whose state differs from ``old`` (see ``IdentityStates.refresh``)."""
+    return {
+        r.id: (r.kind, r.state)
+        for r in records
+        if old.get(r.id) is not r.state
+        and (
+            new_active_devices
+            or old.get(r.id) is not None
+            or r.kind is not IdentityKind.DEVICE
+            or r.state is not IdentityState.ACTIVE
+        )
+    }
 
 
 @dataclass(frozen=True)
@@ -267,7 +266,7 @@ class Gateway:
         # here before start().
         self.routes: list[Route] = []
         self.listeners: list[EventListener] = []
-        self.watch = BehaviourWatch(self, settings.anomaly)
+        self.watch = BehaviourWatch(self, settings.anomaly, leading=lambda: self._leads)
         watching = self.watch.enabled
         self.enrollment = EnrollmentService(
             self.store,
@@ -457,7 +456,7 @@ class Gateway:
             return self.cluster.broker(
                 clock=self.clock,
                 on_clone=self._clone_seen,
-                observer=self._observe_if_leading if observer else None,
+                observer=observer,
             )
         if self.broker_kind == "mosquitto":
             from gateway.mosquitto import MosquittoBroker
@@ -495,18 +494,9 @@ class Gateway:
         self.watch.request_seen(topic, len(payload))
         return self.enrollment.handle(topic, payload)
 
-    def _observe_if_leading(self, observation: Observation) -> None:
-        """In a cluster every gateway hears the whole fleet's notices and messages; the
-        leader's watch alone learns and acts (a new leader learns afresh, as after a
-        restart), so the work is done once, not once per gateway."""
-        if self._leads:
-            self.watch.observe(observation)
-
     def _device_published(self, topic: str, payload: bytes) -> list[Outgoing]:
         """Mosquitto reports no publishes: the gateway's own client receives what devices
         publish (the ACL let it through) and tells the watch the topic and size."""
-        if not self._leads:
-            return []
         observation = mosquitto_published(topic, len(payload))
         if observation is not None:
             self.watch.observe(observation)
@@ -720,10 +710,10 @@ class Gateway:
         )
 
     async def _evaluate_behaviour(self) -> None:
-        """The behaviour watch's verdicts; in a cluster every gateway learns (each hears the
-        whole fleet) and the leader alone acts, as it alone enforces."""
+        """The behaviour watch's verdicts; in a cluster the leader alone learns and acts, as
+        it alone enforces."""
         if self.watch.enabled:
-            await self.watch.evaluate(act=self._leads)
+            await self.watch.evaluate()
 
     def _clone_seen(self, principal: Principal, first: str, second: str) -> None:
         """The broker refused a second live session of one device: quarantine it, with the

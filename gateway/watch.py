@@ -23,6 +23,7 @@ import asyncio
 import logging
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -49,8 +50,18 @@ class BehaviourWatch:
     docstring). ``observe`` is the ``gateway.observe.Observer`` the brokers and the enrollment
     core are given."""
 
-    def __init__(self, gateway: Gateway, settings: AnomalySettings) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        settings: AnomalySettings,
+        *,
+        leading: Callable[[], bool] = lambda: True,
+    ) -> None:
+        """``leading``: whether this gateway leads its cluster. Every gateway of a cluster
+        hears the whole fleet; the leader's watch alone learns and acts (a new leader learns
+        afresh, as after a restart), so the work is done once, not once per gateway."""
         self._gateway = gateway
+        self._leading = leading
         self.engine = AnomalyEngine(gateway.clock, settings, self._context)
         self.metrics: Counter[str] = Counter()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -70,6 +81,8 @@ class BehaviourWatch:
 
     def observe(self, observation: Observation) -> None:
         """The observer for brokers and the enrollment core, from any thread."""
+        if not self._leading():
+            return
         loop = self._loop
         if loop is None or threading.get_ident() == self._loop_thread:
             self.engine.observe(observation)
@@ -117,11 +130,11 @@ class BehaviourWatch:
 
     # -- out ---------------------------------------------------------------------------------
 
-    async def evaluate(self, *, act: bool = True) -> None:
+    async def evaluate(self) -> None:
         """Decide on what the engine found and carry each verdict out; every few seconds.
-        ``act=False`` (a cluster gateway that does not lead) keeps learning, acts on nothing."""
+        A gateway that lost the lead acts on nothing it found before."""
         verdicts = self.engine.evaluate()
-        if not act:
+        if not self._leading():
             self.metrics["verdicts.not_leading"] += len(verdicts)
             return
         for verdict in verdicts:
