@@ -8,8 +8,10 @@ and hand out a ``Transaction`` that runs ``Prepared`` statements on it:
   the driver's implicit transaction; the block's end commits, and the commit has returned (with
   ``synchronous=FULL``: is on disk) before the caller gets control back. Any exception rolls
   back. ``durable=False`` skips the sync of this one commit on SQLite;
-- reading: one statement, no transaction control of our own (SQLite runs it in autocommit
-  mode, PostgreSQL rolls its implicit transaction back when the connection returns to the pool).
+- reading: one statement in autocommit mode, no transaction around it. SQLite's connections
+  are in that mode already (``engine.py``); a PostgreSQL connection is switched to it for the
+  read (a client-side flag), else the driver would wrap the one SELECT in a BEGIN and the
+  pool's ROLLBACK: three round trips to the server instead of one.
 
 Driver errors come out as SQLAlchemy's ``DBAPIError`` subclasses (``IntegrityError``,
 ``OperationalError``...), the same ones a ``Connection`` raises, so ``errors.translated`` turns
@@ -71,6 +73,8 @@ class Driver:
         self._dialect = dialect
         self._dbapi_error: type[Exception] = dialect.loaded_dbapi.Error
         self._begin = "BEGIN IMMEDIATE" if dialect.name == "sqlite" else None
+        # psycopg opens a transaction before the first statement unless in autocommit mode
+        self._autocommit_reads = dialect.name == "postgresql"
 
     @contextmanager
     def reading(self) -> Iterator[Transaction]:
@@ -95,7 +99,10 @@ class Driver:
         except self._dbapi_error as error:
             raise self._wrapped(error, None, broken=False) from error
         transaction: Transaction | None = None
+        autocommit = not write and self._autocommit_reads
         try:
+            if autocommit:
+                pooled.dbapi_connection.autocommit = True  # type: ignore[union-attr]
             cursor = pooled.cursor()
             transaction = Transaction(cursor)
             try:
@@ -113,6 +120,8 @@ class Driver:
                 if relax:
                     transaction.statement = _DURABLE
                     self._restore_durability(pooled, cursor)
+                if autocommit:
+                    self._end_autocommit(pooled)
                 cursor.close()
         except self._dbapi_error as error:
             broken = not pooled.is_valid or (
@@ -127,6 +136,15 @@ class Driver:
             # Back to the pool, which rolls back whatever is still open (an exception inside
             # the block, a read's implicit PostgreSQL transaction), or closes it if invalidated.
             pooled.close()
+
+    def _end_autocommit(self, pooled: Any) -> None:
+        """The pool's other users expect transactions (SQLAlchemy's ``Connection``): a
+        connection that cannot be switched back (it broke during the read) is dropped, and the
+        read's own error, if any, is the one reported."""
+        try:
+            pooled.dbapi_connection.autocommit = False
+        except self._dbapi_error as error:
+            pooled.invalidate(error)
 
     def _restore_durability(self, pooled: Any, cursor: Any) -> None:
         """Every pooled connection is back at FULL before anyone else uses it; one that cannot

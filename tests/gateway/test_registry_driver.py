@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -12,12 +13,21 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.types import NullType
-from test_store_contract import certificate, entry, identity, issue, nonce, response
+from test_store_contract import (
+    certificate,
+    entry,
+    fresh_postgres_database,
+    identity,
+    issue,
+    nonce,
+    response,
+)
 
 from gateway.registry import SqlStore
+from gateway.registry import engine as engine_module
 from gateway.registry.prepared import prepare
 from gateway.registry.statements import IDENTITY, Statements
-from gateway.store import DuplicateError, NonceCheck
+from gateway.store import DuplicateError, NonceCheck, StoreError
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 DIALECTS = {"sqlite": sqlite.dialect(), "postgresql": postgresql.psycopg.dialect()}
@@ -194,3 +204,122 @@ def test_a_failed_relaxed_write_leaves_its_connection_synced_again(tmp_path: Pat
         # One thread: the pool handed the same connection to every call above.
         with store.engine.connect() as connection:
             assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+
+
+# PostgreSQL: what crosses the wire, read from libpq's protocol trace of the pooled connection
+
+
+@pytest.fixture
+def wire(tmp_path: Path) -> Iterator[tuple[SqlStore, Callable[[], list[str]]]]:
+    """A store on a fresh PostgreSQL database and ``sent()``: the queries its (one) pooled
+    connection sent since the last call, each a round trip to the server."""
+    with fresh_postgres_database() as url, SqlStore(url) as store:
+        log = (tmp_path / "libpq.trace").open("w+")
+        pooled = store.engine.raw_connection()
+        pooled.driver_connection.pgconn.trace(log.fileno())  # type: ignore[union-attr]
+        pooled.close()
+
+        def sent() -> list[str]:
+            log.flush()
+            log.seek(0)
+            lines = log.read().splitlines()
+            log.seek(0)
+            log.truncate()
+            # frontend messages that end a round trip: a simple Query, or Sync after Parse/Bind
+            queries = []
+            for line in lines:
+                fields = line.split("\t")
+                if len(fields) < 4 or fields[1] != "F":
+                    continue
+                if fields[3] == "Query":
+                    queries.append(fields[4].strip().strip('"').split()[0])
+                elif fields[3] == "Parse":
+                    queries.append(fields[4].split('"')[3].split()[0])
+            return queries
+
+        try:
+            yield store, sent
+        finally:
+            log.close()
+
+
+def test_a_postgresql_lookup_is_one_round_trip(
+    wire: tuple[SqlStore, Callable[[], list[str]]],
+) -> None:
+    store, sent = wire
+    issue(store, 0x10, "req-1")
+    sent()
+    assert store.get_identity("dev-1") == identity()
+    assert store.key_fingerprint_used(certificate(0x10).public_key_fingerprint)
+    assert store.get_identity("nobody") is None
+    # no ping before, no BEGIN around, no ROLLBACK after
+    assert sent() == ["SELECT", "SELECT", "SELECT"]
+
+
+def test_a_postgresql_write_is_one_transaction_without_a_ping(
+    wire: tuple[SqlStore, Callable[[], list[str]]],
+) -> None:
+    store, sent = wire
+    store.put_identity(identity())
+    sent()
+    store.put_nonce(nonce())
+    assert store.consume_nonce(b"\x01" * 16, "dev-1", T0) is NonceCheck.OK
+    queries = sent()
+    assert queries[0] == "BEGIN" and queries.count("BEGIN") == 2
+    assert queries[-1] == "COMMIT" and queries.count("COMMIT") == 2
+    # a failed write rolls back, and the lookup after it runs outside any transaction
+    with pytest.raises(DuplicateError):
+        store.put_nonce(nonce())
+    assert store.get_identity("dev-1") is not None
+    assert sent()[-2:] == ["ROLLBACK", "SELECT"]
+
+
+def test_a_connection_idle_for_a_while_is_pinged_first(
+    wire: tuple[SqlStore, Callable[[], list[str]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, sent = wire
+    store.put_identity(identity())
+    sent()
+    monkeypatch.setattr(engine_module, "PING_IDLE_SECONDS", 0.0)
+    assert store.get_identity("dev-1") is not None
+    queries = sent()
+    assert len(queries) == 2 and queries[1] == "SELECT"  # the ping, then the lookup
+
+
+def _end_sessions(store: SqlStore) -> None:
+    """What a server restart does to the store's pooled connections."""
+    url = store.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+
+
+def test_a_connection_the_server_ended_while_idle_is_replaced_unseen(
+    wire: tuple[SqlStore, Callable[[], list[str]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, _ = wire
+    store.put_identity(identity())
+    _end_sessions(store)
+    monkeypatch.setattr(engine_module, "PING_IDLE_SECONDS", 0.0)  # as if a second went by
+    assert store.get_identity("dev-1") == identity()
+
+
+def test_a_connection_ended_between_two_calls_fails_one_call_with_a_typed_error(
+    wire: tuple[SqlStore, Callable[[], list[str]]],
+) -> None:
+    store, _ = wire
+    store.put_identity(identity())
+    with ThreadPoolExecutor(4) as pool:  # several pooled connections
+        list(pool.map(lambda _: store.get_identity("dev-1"), range(40)))
+    _end_sessions(store)
+    # the first call meets the dead connection: the registry's error, not a driver's
+    with pytest.raises(StoreError, match="failed"):
+        store.get_identity("dev-1")
+    # that told the pool: every connection from before is checked before it is lent again
+    for _ in range(10):
+        assert store.get_identity("dev-1") == identity()
+    store.put_nonce(nonce())
