@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.acl import Action
+from gateway.store import IdentityRecord
 
 __all__ = [
     "CertificateIssued",
@@ -67,12 +68,14 @@ class CertificateIssued:
     """The gateway issued ``identity`` a certificate: ``attested`` for a fresh enrollment
     (verified evidence, or an operator's bootstrap token), False for a renewal proven by the
     current certificate. ``firmware_digest`` is what the device reported (None: not
-    reported)."""
+    reported). ``registered``: the identity's registry row as the issuance wrote it, when it
+    wrote one (spares the consumer a registry read per enrollment)."""
 
     identity: str
     attested: bool
     firmware_version: str | None
     firmware_digest: str | None
+    registered: IdentityRecord | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,7 +36,7 @@ from gateway.observe import (
     Published,
     RequestRefused,
 )
-from gateway.store import IdentityState
+from gateway.store import IdentityRecord, IdentityState
 from pki.clock import Clock
 
 __all__ = ["AnomalyEngine", "IdentitySnapshot", "Verdict"]
@@ -218,8 +218,15 @@ class AnomalyEngine:
                 self._subjects.move_to_end(identity)
             else:
                 # A certificate was issued after its registry row was written: an enrollee
-                # taken for a stranger a moment ago is looked up again at once.
-                subject = self._admit(identity, now, recheck=type(observation) is CertificateIssued)
+                # taken for a stranger a moment ago is looked up again at once, from the row
+                # the issuance wrote when it comes with the observation.
+                known = None
+                issued = type(observation) is CertificateIssued
+                if type(observation) is CertificateIssued and isinstance(
+                    observation.registered, IdentityRecord
+                ):
+                    known = IdentityContext.from_record(observation.registered)
+                subject = self._admit(identity, now, recheck=issued, known=known)
             if subject.baseline is None:
                 self._on_stranger(subject, observation, now)
             else:
@@ -455,17 +462,25 @@ class AnomalyEngine:
             return None
         return context
 
-    def _admit(self, identity: str, now: float, *, recheck: bool = False) -> _Subject:
+    def _admit(
+        self,
+        identity: str,
+        now: float,
+        *,
+        recheck: bool = False,
+        known: IdentityContext | None = None,
+    ) -> _Subject:
         """The subject of an identity not tracked with a baseline: a new tracked subject if
         the registry holds it with a monitored kind, a stranger otherwise. A stranger is asked
-        about again only every few seconds, unless ``recheck``."""
+        about again only every few seconds, unless ``recheck``. ``known``: the identity's
+        context at hand, instead of the registry's."""
         stranger = self._strangers.get(identity)
         if stranger is not None and not recheck:
             every = RECHECK_UNKNOWN_SECONDS if stranger.monitored else RECHECK_UNMONITORED_SECONDS
             if now - stranger.checked_at < every:
                 self._strangers.move_to_end(identity)
                 return stranger
-        context = self._lookup(identity)
+        context = known if known is not None else self._lookup(identity)
         if context is None or context.kind not in self._settings.monitored_kinds:
             monitored = context is None
             if stranger is None or stranger.monitored != monitored:

@@ -46,6 +46,7 @@ from gateway.protocol.topics import Channel, RequestTopic, parse_request_topic
 from gateway.store import (
     AuditEntry,
     DuplicateError,
+    IdentityRecord,
     Store,
     StoredResponse,
     StoreError,
@@ -189,9 +190,7 @@ class EnrollmentService:
             decision = self._decide(where.device_id, request, now, attempt)
         except EnrollmentRejected as exc:
             self._remember(key, attempt)
-            return self._refuse(
-                where, request.id, request.TYPE, exc.code, exc.detail, now, key=key
-            )
+            return self._refuse(where, request.id, request.TYPE, exc.code, exc.detail, now, key=key)
         except StoreError as exc:
             self._remember(key, attempt)
             return self._unavailable(where, request.id, str(exc))
@@ -264,10 +263,12 @@ class EnrollmentService:
         issued = decision.certificate is not None
         if issued:
             fault_point("after_row_written")
-            self._observe_issued(where.device_id, request)
+            self._observe_issued(where.device_id, request, decision.identity)
         return Publish(where.response, payload, issued_to=where.device_id if issued else None)
 
-    def _observe_issued(self, device_id: str, request: Request) -> None:
+    def _observe_issued(
+        self, device_id: str, request: Request, registered: IdentityRecord | None
+    ) -> None:
         firmware = getattr(request, "firmware", None)
         self._observe(
             CertificateIssued(
@@ -276,6 +277,7 @@ class EnrollmentService:
                 attested=not isinstance(request, Renew),
                 firmware_version=firmware.version if firmware is not None else None,
                 firmware_digest=firmware.digest if firmware is not None else None,
+                registered=registered,
             )
         )
 

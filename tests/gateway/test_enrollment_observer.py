@@ -60,8 +60,13 @@ def test_an_enrollment_is_reported_attested_with_its_firmware() -> None:
     watch = Watch()
     gw = gateway_with(watch)
     enroll(gw)
+    # with the registry row the issuance wrote, so the watch need not read it back
+    registered = gw.store.get_identity("dev-1")
+    assert registered is not None and registered.model == "sensor-v1"
     assert watch.seen == [
-        CertificateIssued("dev-1", True, DEFAULT_FIRMWARE.version, DEFAULT_FIRMWARE.digest)
+        CertificateIssued(
+            "dev-1", True, DEFAULT_FIRMWARE.version, DEFAULT_FIRMWARE.digest, registered
+        )
     ]
 
 
@@ -73,10 +78,15 @@ def test_a_renewal_is_reported_unattested_with_the_firmware_it_reports() -> None
     assert isinstance(gw.ask("dev-1", request, Channel.RENEW), IssuedCertificate)
     request, _ = build_renew("dev-1", next_key, time=gw.now(), request_id="renew-2")
     assert isinstance(gw.ask("dev-1", request, Channel.RENEW), IssuedCertificate)
-    assert watch.seen[1:] == [
-        CertificateIssued("dev-1", False, NEW_FIRMWARE.version, NEW_FIRMWARE.digest),
-        CertificateIssued("dev-1", False, None, None),
-    ]
+    first, second = watch.seen[1:]
+    # a renewal that reports new firmware rewrites the row; one that reports none leaves it
+    assert first == CertificateIssued(
+        "dev-1", False, NEW_FIRMWARE.version, NEW_FIRMWARE.digest, first.registered
+    )
+    assert first.registered is not None
+    assert first.registered.firmware_version == NEW_FIRMWARE.version
+    assert second == CertificateIssued("dev-1", False, None, None, second.registered)
+    assert second.registered in (None, gw.store.get_identity("dev-1"))
 
 
 def test_refusals_and_replays_are_not_reported_as_certificates() -> None:

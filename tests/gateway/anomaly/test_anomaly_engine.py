@@ -19,7 +19,7 @@ from gateway.anomaly import (
     Rule,
 )
 from gateway.observe import CertificateIssued, Connected, Denied, Disconnected, Published
-from gateway.store import IdentityState
+from gateway.store import IdentityRecord, IdentityState
 from pki.clock import FakeClock
 from pki.profile import IdentityKind
 
@@ -232,6 +232,37 @@ def test_a_failing_context_lookup_is_counted_and_treated_as_unknown() -> None:
     assert engine.counters["context.error"] == 1  # asked once, then believed for a while
     assert engine.counters["ignored.unknown"] == 2
     assert engine.evaluate() == []
+
+
+def test_an_enrollment_reported_with_its_registry_row_is_tracked_without_a_lookup() -> None:
+    asked: list[str] = []
+
+    def lookup(identity: str) -> IdentityContext | None:
+        asked.append(identity)
+        return None
+
+    clock = FakeClock()
+    engine = AnomalyEngine(clock, AnomalySettings(), lookup)
+    engine.observe(Published("dev-1", "fg/v1/enroll/dev-1/req", 900))  # the enrollee's hello
+    assert asked == ["dev-1"]  # not registered yet: a stranger
+    row = IdentityRecord(
+        id="dev-1",
+        kind=IdentityKind.DEVICE,
+        state=IdentityState.ACTIVE,
+        created_at=clock.now(),
+        updated_at=clock.now(),
+        model="th-sensor",
+        firmware_version="1.4.2",
+        firmware_digest="a" * 64,
+    )
+    engine.observe(CertificateIssued("dev-1", True, "1.4.2", "a" * 64, registered=row))
+    engine.observe(Connected("dev-1", "10.0.0.5:40000"))
+    assert asked == ["dev-1"]  # the row came with the observation
+    snapshot = engine.snapshot("dev-1")
+    assert snapshot is not None and snapshot.reference != "unregistered"  # tracked
+    # without the row the engine asks the registry, as before
+    engine.observe(CertificateIssued("dev-2", True, "1.4.2", "a" * 64))
+    assert asked == ["dev-1", "dev-2"]
 
 
 def test_constructor_refuses_what_is_not_an_engine_part() -> None:
