@@ -20,6 +20,10 @@ That repeated work is measured apart: before its fleet, each round reads the gat
 keep-alives). ``gateway_cpu_ms_per_enrollment_less_idle`` takes that rate times the round's
 duration out of the total, so what is left is the CPU the enrollments themselves cost; at a
 few tens of enrollments per second a gateway's idle cost is a visible share of the total.
+
+The machine's own speed drifts between rounds (``gateway.bench.speed``): each round also times
+a fixed workload just before its fleet, and ``speed_adjusted_vs_first`` compares the rounds'
+CPU per enrollment in units of that probe, beside the raw ratios.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from typing import Any
 from gateway.bench.home import make_bench_home
 from gateway.bench.machine import describe_machine
 from gateway.bench.procstat import sample
+from gateway.bench.speed import speed_probe
 from gateway.config import DATABASE_ENV
 
 __all__ = [
@@ -303,6 +308,7 @@ async def _round(
             idle_start = _cpu_each(gateway_pids)
             await asyncio.sleep(options.idle_seconds)
             idle_end = _cpu_each(gateway_pids)
+            probe_ms = speed_probe()  # how fast the machine is now (the fleet waits for it)
             broker_cpu = _cpu(broker_pids)
             seconds, met = await _enroll_fleet(settings, shared, options)
             busy_end = _cpu_each(gateway_pids)
@@ -329,6 +335,7 @@ async def _round(
         "gateway_idle_cpu_ms_per_s": round(idle_total * 1000, 1),
         "gateway_cpu_ms_per_enrollment_less_idle": round(less_idle * per_ms, 2),
         "broker_cpu_ms_per_enrollment": round(broker_cpu * per_ms, 2),
+        "speed_probe_ms": round(probe_ms, 2),
         "per_gateway": [
             {
                 "node": n,
@@ -354,8 +361,15 @@ _SUMMED = (
     "gateway_idle_cpu_ms_per_s",
     "gateway_cpu_ms_per_enrollment_less_idle",
     "broker_cpu_ms_per_enrollment",
+    "speed_probe_ms",
     "device_retries",
 )
+
+
+def _in_probe_units(entry: dict[str, Any]) -> float:
+    """Gateway CPU per enrollment in units of the speed probe (``gateway.bench.speed``)."""
+    probe = entry.get("speed_probe_ms", 0.0)
+    return entry["gateway_cpu_ms_per_enrollment"] / probe if probe > 0 else 0.0
 
 
 def summarize(gateways: tuple[int, ...], rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -379,7 +393,22 @@ def summarize(gateways: tuple[int, ...], rounds: list[dict[str, Any]]) -> list[d
             entry["gateway_cpu_ms_per_enrollment_less_idle"],
             base["gateway_cpu_ms_per_enrollment_less_idle"],
         )
+    for entry in rounds:
+        entry["cpu_in_probe_units"] = round(_in_probe_units(entry), 4)
+    for entry in summary:
+        # the mean of the rounds' own figures: each round is read against its own probe
+        mine = [r for r in rounds if r["gateways"] == entry["gateways"]]
+        entry["cpu_in_probe_units"] = round(
+            statistics.fmean(r["cpu_in_probe_units"] for r in mine), 4
+        )
+    for entry in summary:
+        entry["speed_adjusted_vs_first"] = _ratio(
+            entry["cpu_in_probe_units"], base["cpu_in_probe_units"]
+        )
     for entry in rounds:  # each round against the same base
+        entry["speed_adjusted_vs_first"] = _ratio(
+            entry["cpu_in_probe_units"], base["cpu_in_probe_units"]
+        )
         entry["cpu_per_enrollment_vs_first"] = _ratio(
             entry["gateway_cpu_ms_per_enrollment"], base["gateway_cpu_ms_per_enrollment"]
         )
@@ -426,7 +455,7 @@ def render_scaleout(result: dict[str, Any]) -> str:
     head = (
         f"{'gateways':>8}  {'pass':>4}  {'seconds':>8}  {'enroll/s':>8}  {'gw CPU ms/enr':>13}  "
         f"{'gw idle ms/s':>12}  {'less idle':>9}  {'broker ms/enr':>13}  {'retries':>7}  "
-        f"{'CPU vs 1':>8}  {'less idle vs 1':>14}"
+        f"{'CPU vs 1':>8}  {'less idle vs 1':>14}  {'probe ms':>8}  {'speed-adj. vs 1':>15}"
     )
 
     def row(r: dict[str, Any], label: str, seconds: str) -> str:
@@ -436,7 +465,8 @@ def render_scaleout(result: dict[str, Any]) -> str:
             f"{r['gateway_idle_cpu_ms_per_s']:>12.1f}  "
             f"{r['gateway_cpu_ms_per_enrollment_less_idle']:>9.2f}  "
             f"{r['broker_cpu_ms_per_enrollment']:>13.2f}  {r['device_retries']:>7g}  "
-            f"{r['cpu_per_enrollment_vs_first']:>8.3f}  {r['cpu_less_idle_vs_first']:>14.3f}"
+            f"{r['cpu_per_enrollment_vs_first']:>8.3f}  {r['cpu_less_idle_vs_first']:>14.3f}  "
+            f"{r.get('speed_probe_ms', 0.0):>8.1f}  {r.get('speed_adjusted_vs_first', 0.0):>15.3f}"
         )
 
     lines = [head]

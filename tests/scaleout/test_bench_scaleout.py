@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from gateway.bench.speed import speed_probe
 from gateway.bench_scaleout import ScaleoutOptions, render_scaleout, summarize
 from gateway.cli.bench import app
 
@@ -72,7 +73,7 @@ def test_the_summary_averages_each_count_and_compares_with_one_gateway() -> None
         return {"gateways": gateways, "enrollments_per_s": 20.0,
                 "gateway_cpu_ms_per_enrollment": cpu, "gateway_idle_cpu_ms_per_s": 10.0,
                 "gateway_cpu_ms_per_enrollment_less_idle": cpu - idle,
-                "broker_cpu_ms_per_enrollment": 8.0, "device_retries": 0}
+                "broker_cpu_ms_per_enrollment": 8.0, "speed_probe_ms": 50.0, "device_retries": 0}
 
     rounds = [measured(2, 12.0, 1.0), measured(1, 10.0, 1.0), measured(1, 12.0, 1.0),
               measured(2, 14.0, 2.0)]
@@ -84,6 +85,29 @@ def test_the_summary_averages_each_count_and_compares_with_one_gateway() -> None
     assert two["cpu_per_enrollment_vs_first"] == round(13 / 11, 3)
     assert two["cpu_less_idle_vs_first"] == round(11.5 / 10, 3)
     assert rounds[1]["cpu_per_enrollment_vs_first"] == round(10 / 11, 3)  # against the mean
+
+
+def test_a_round_run_while_the_machine_was_slower_is_also_compared_at_its_speed() -> None:
+    def measured(gateways: int, cpu: float, probe: float) -> dict[str, float]:
+        return {"gateways": gateways, "enrollments_per_s": 20.0,
+                "gateway_cpu_ms_per_enrollment": cpu, "gateway_idle_cpu_ms_per_s": 10.0,
+                "gateway_cpu_ms_per_enrollment_less_idle": cpu,
+                "broker_cpu_ms_per_enrollment": 3.0, "speed_probe_ms": probe,
+                "device_retries": 0}
+
+    # the 3-gateway round ran while the same fixed workload took 30 % longer
+    rounds = [measured(1, 9.0, 50.0), measured(3, 13.0, 65.0)]
+    one, three = summarize((1, 3), rounds)
+    assert three["cpu_per_enrollment_vs_first"] == round(13 / 9, 3)  # the raw figure stays
+    assert three["speed_adjusted_vs_first"] == round((13 / 65) / (9 / 50), 3)
+    assert one["speed_adjusted_vs_first"] == 1.0
+    assert rounds[1]["cpu_in_probe_units"] == round(13 / 65, 4)
+
+
+def test_the_speed_probe_times_a_fixed_workload() -> None:
+    assert speed_probe(runs=1) > 0
+    with pytest.raises(ValueError):
+        speed_probe(runs=0)
 
 
 def test_an_unreachable_server_is_a_typed_error() -> None:
@@ -126,6 +150,7 @@ def test_the_cli_measures_each_gateway_count_in_one_run(
         assert sum(n["leader"] for n in nodes) == 1  # one leader per round, named
     assert rounds[0]["cpu_per_enrollment_vs_first"] == 1.0
     assert rounds[1]["cpu_per_enrollment_vs_first"] > 0
+    assert all(r["speed_probe_ms"] > 0 and r["speed_adjusted_vs_first"] > 0 for r in rounds)
     table = render_scaleout(report).splitlines()
-    assert "gateways" in table[0] and "less idle" in table[0]
+    assert "gateways" in table[0] and "less idle" in table[0] and "speed-adj." in table[0]
     assert [line.split()[0] for line in table[1:3]] == ["1", "2"]
