@@ -50,9 +50,10 @@ class BrokerControl(Protocol):
         every later connection refused; pending -> no operational access."""
         ...
 
-    async def sync(self, identities: Iterable[IdentityLike]) -> int:
+    async def sync(self, identities: Iterable[IdentityLike], *, certified: bool = False) -> int:
         """Bring each identity to its state, doing only what is not in force yet (cheap to
-        call again); returns how many changed."""
+        call again); returns how many changed. ``certified``: devices this gateway has just
+        certified (see ``MosquittoBroker.sync``)."""
         ...
 
     async def kick(self, client_id: str) -> bool:

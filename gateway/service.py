@@ -764,7 +764,7 @@ class Gateway:
             return
         assert self.broker is not None
         # sync, not apply: a renewing device is in force already and costs nothing here.
-        await self.broker.sync([Admitted(identity_id)])
+        await self.broker.sync([Admitted(identity_id)], certified=True)
         self.states.set(identity_id, IdentityState.ACTIVE)
         self.emit("certificate_issued", identity_id)
 

@@ -235,7 +235,9 @@ def _admit_in_batches() -> None:
         while waiting.get(key):
             batch, waiting[key] = waiting[key], []
             try:
-                await gateway.broker.sync([service.Admitted(i) for i, _ in batch])
+                await gateway.broker.sync(
+                    [service.Admitted(i) for i, _ in batch], certified=True
+                )
             except Exception as exc:
                 for _, future in batch:
                     if not future.done():

@@ -436,7 +436,7 @@ class EmbeddedBroker:
         if state is IdentityState.REVOKED:
             await self.kick(identity_id)
 
-    async def sync(self, identities: Iterable[IdentityLike]) -> int:
+    async def sync(self, identities: Iterable[IdentityLike], *, certified: bool = False) -> int:
         """Nothing to push: the ACL asks for states as it goes. Live revoked sessions go."""
         cut = 0
         for identity in identities:

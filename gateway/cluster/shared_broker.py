@@ -25,7 +25,7 @@ import contextlib
 import json
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,6 @@ from gateway.mosquitto import (
     Listeners,
     MosquittoBroker,
     MosquittoError,
-    MosquittoReason,
     check_crl,
     dynsec,
 )
@@ -50,7 +49,6 @@ from pki.profile import IdentityKind
 __all__ = [
     "SharedBroker",
     "SharedBrokerControl",
-    "SyncBatcher",
     "descriptor_path",
     "load_shared_broker",
     "save_shared_broker",
@@ -149,62 +147,6 @@ def load_shared_broker(home: Path) -> SharedBroker:
     except ValueError as exc:
         raise ClusterError(ClusterReason.BAD_SHARED_BROKER, f"{path}: {exc}") from None
     return SharedBroker.from_json(data)
-
-
-class SyncBatcher:
-    """Concurrent ``sync`` calls share round trips: while one batch is with the broker, the
-    identities of every call that arrives meanwhile wait together and go as the next batch.
-
-    Superseded: ``MosquittoBroker`` now group-commits every change itself
-    (``gateway.mosquitto.commit``), per identity, so one identity's refused command no longer
-    fails every caller of its batch; ``SharedBrokerControl`` no longer uses this.
-
-    The dynamic-security plugin rewrites its whole JSON file once per accepted message (72 ms
-    at 1,000 devices, gateway.mosquitto.dynsec), whatever the message holds, so one admission
-    per message would cap a fleet's enrollments at about 14 per second for all gateways
-    together. Batching keeps each certificate waiting for its device's admission no longer
-    than one rewrite plus its own, whatever the load.
-    """
-
-    def __init__(self, sync: Callable[[list[IdentityLike]], Awaitable[int]]) -> None:
-        self._sync = sync
-        self._waiting: list[IdentityLike] = []
-        self._next: asyncio.Future[int] | None = None
-        self._flusher: asyncio.Task[None] | None = None
-        self.batches = 0
-
-    async def __call__(self, identities: Iterable[IdentityLike]) -> int:
-        """How many identities of the batch this call went out in changed."""
-        self._waiting.extend(identities)
-        if self._next is None:
-            self._next = asyncio.get_running_loop().create_future()
-            # a caller that gave up must not leave its batch's error unretrieved
-            self._next.add_done_callback(lambda f: f.cancelled() or f.exception())
-        mine = self._next
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush(), name="dynsec-sync-batcher")
-        return await asyncio.shield(mine)
-
-    async def _flush(self) -> None:
-        while self._next is not None:
-            batch, self._waiting = self._waiting, []
-            future, self._next = self._next, None
-            self.batches += 1
-            try:
-                changed = await self._sync(batch)
-            except Exception as exc:
-                future.set_exception(exc)
-            else:
-                future.set_result(changed)
-
-    async def close(self) -> None:
-        flusher = self._flusher
-        if flusher is not None:
-            flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await flusher
-        if self._next is not None and not self._next.done():
-            self._next.set_exception(MosquittoError(MosquittoReason.NOT_RUNNING, "stopping"))
 
 
 class SharedBrokerControl:
@@ -308,9 +250,9 @@ class SharedBrokerControl:
     ) -> None:
         await self._broker.apply(identity_id, state, kind=kind)
 
-    async def sync(self, identities: Iterable[IdentityLike]) -> int:
+    async def sync(self, identities: Iterable[IdentityLike], *, certified: bool = False) -> int:
         """Group-committed with every other change in flight (``gateway.mosquitto.commit``)."""
-        return await self._broker.sync(identities)
+        return await self._broker.sync(identities, certified=certified)
 
     async def kick(self, client_id: str) -> bool:
         return await self._broker.kick(client_id)

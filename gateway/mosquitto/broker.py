@@ -520,17 +520,30 @@ class MosquittoBroker:
         target = dynsec.Enforcement(identity_id, kind, IdentityState(state))
         # A broker we started has no other writer, so what we remember is what holds; an
         # external one may have been changed by another gateway of the cluster.
-        await self._enforce([target], force=self._external, urgent=True)
+        await self._enforce(
+            [target], force=self._external, urgent=True, certain=not self._external
+        )
 
-    async def sync(self, identities: Iterable[IdentityLike]) -> int:
+    async def sync(
+        self, identities: Iterable[IdentityLike], *, certified: bool = False
+    ) -> int:
         """Bring every listed identity to its state, sending only what changed since the last
         apply/sync; returns how many identities changed. Safe to call periodically with the
-        whole registry."""
+        whole registry.
+
+        ``certified``: devices this gateway has just issued a certificate to, active now. On
+        an external broker another writer (a cluster's leader, this gateway before a restart)
+        may have left a role for an identity we never gave one; a sync resets it, but an
+        admission must not: whoever quarantined the device meanwhile enforces that change
+        itself, and a reset sent after it would undo it. A device that was never anything
+        but active has no objects, so an admission sends nothing."""
         targets = [
             dynsec.Enforcement(item.id, IdentityKind(item.kind), IdentityState(item.state))
             for item in identities
         ]
-        return await self._enforce(targets, force=False, urgent=False)
+        return await self._enforce(
+            targets, force=False, urgent=False, certain=certified or not self._external
+        )
 
     async def kick(self, client_id: str) -> bool:
         """Cut ``client_id``'s live sessions, on either instance; True if one was connected as
@@ -1045,7 +1058,7 @@ class MosquittoBroker:
         return results
 
     async def _enforce(
-        self, targets: list[dynsec.Enforcement], *, force: bool, urgent: bool
+        self, targets: list[dynsec.Enforcement], *, force: bool, urgent: bool, certain: bool
     ) -> int:
         """Enforce each target as a unit of its own (``GroupCommit`` puts many in one
         message); returns how many were sent. Every target is tried; then the first failure is
@@ -1055,7 +1068,10 @@ class MosquittoBroker:
             raise MosquittoError(MosquittoReason.NOT_RUNNING, "start() the broker first")
         latest = {target.identity: target for target in targets}  # a later entry wins
         outcomes = await asyncio.gather(
-            *(self._enforce_one(t, force=force, urgent=urgent) for t in latest.values()),
+            *(
+                self._enforce_one(t, force=force, urgent=urgent, certain=certain)
+                for t in latest.values()
+            ),
             return_exceptions=True,
         )
         errors = [o for o in outcomes if isinstance(o, BaseException)]
@@ -1076,7 +1092,7 @@ class MosquittoBroker:
         return sum(1 for sent in outcomes if sent is True)
 
     async def _enforce_one(
-        self, target: dynsec.Enforcement, *, force: bool, urgent: bool
+        self, target: dynsec.Enforcement, *, force: bool, urgent: bool, certain: bool
     ) -> bool:
         """One identity's change; changes of one identity never overlap (each decides what to
         send from what the previous one left), and an urgent one takes a queued change of the
@@ -1091,7 +1107,9 @@ class MosquittoBroker:
             async with lane.lock:
                 if not force and self._enforced.get(identity) == target:
                     return False
-                await self._send_enforcement(target, urgent=lambda: urgent or lane.urgent > 0)
+                await self._send_enforcement(
+                    target, urgent=lambda: urgent or lane.urgent > 0, certain=certain
+                )
                 return True
         finally:
             lane.users -= 1
@@ -1101,7 +1119,7 @@ class MosquittoBroker:
                 self._lanes.pop(identity, None)
 
     async def _send_enforcement(
-        self, target: dynsec.Enforcement, *, urgent: Callable[[], bool]
+        self, target: dynsec.Enforcement, *, urgent: Callable[[], bool], certain: bool
     ) -> None:
         identity = target.identity
         known = self._enforced.get(identity)
@@ -1120,7 +1138,8 @@ class MosquittoBroker:
                 provisioned=provisioned,
                 device_patterns=patterns,
                 # a broker we started has no other writer: what we know is what holds
-                certain=not self._external,
+                # (see ``sync`` for what else is certain)
+                certain=certain,
             )
 
         commands = commands_for(provisioned)

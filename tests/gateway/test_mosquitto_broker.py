@@ -874,6 +874,50 @@ async def test_an_external_broker_is_driven_through_its_admin_account(
         await managed.stop()
 
 
+async def test_an_admission_on_a_shared_broker_never_undoes_another_writers_quarantine(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """Two gateways of one cluster: the leader quarantines a device while another gateway,
+    which certified it a moment earlier, admits it. The admission sends nothing (a device
+    certified active needs no dynsec objects with device patterns), so it cannot reset the
+    quarantine role the leader made; a plain sync of an external broker does reset it."""
+    leader = await start_broker(
+        pki, tmp_path / "run", admin_password="operator-secret-0123", device_patterns=True
+    )
+    ports = leader.ports
+    other = MosquittoBroker(
+        tmp_path / "unused",
+        Listeners("127.0.0.1", ports["enrollment"], ports["operational"], ports["internal"]),
+        None,
+        None,
+        external=True,
+        admin_password="operator-secret-0123",
+        internal_username="_fg_other_gateway",
+        device_patterns=True,
+    )
+    try:
+        await other.start()
+        await leader.apply("dev-race", IdentityState.QUARANTINED)
+        sent = other.commit.commands
+        admitted = Record("dev-race", IdentityKind.DEVICE, IdentityState.ACTIVE)
+        assert await other.sync([admitted], certified=True) == 1  # in force, as far as it knows
+        assert other.commit.commands == sent  # and nothing was sent for it
+        async with spy(leader) as watcher, device(leader, pki, "dev-race") as dev:
+            assert await watcher.subscribe("fg/#")
+            await dev.publish(topics.telemetry("dev-race"), b"still quarantined")
+            await dev.publish(topics.quarantine("dev-race"), b"outlet")
+            assert await watcher.next() == (topics.quarantine("dev-race"), b"outlet")
+        # a sync of what the registry holds (start-up, takeover) is not sure: it resets
+        other_again = Record("dev-race", IdentityKind.DEVICE, IdentityState.QUARANTINED)
+        await other.sync([other_again])
+        sent = other.commit.commands
+        assert await other.sync([admitted]) == 1
+        assert other.commit.commands == sent + 1
+    finally:
+        await other.stop()
+        await leader.stop()
+
+
 async def test_a_refused_command_raises_with_the_plugins_error(broker: MosquittoBroker) -> None:
     with pytest.raises(MosquittoError) as caught:
         await broker.execute([dynsec.add_client_role("no-such-client", dynsec.KICK_ROLE)])

@@ -29,10 +29,9 @@ from gateway.cluster import (
     parse_announcement,
     save_shared_broker,
 )
-from gateway.cluster.shared_broker import SyncBatcher
 from gateway.config import load_settings
 from gateway.home import init_home
-from gateway.service import Admitted, Gateway, IdentityStates
+from gateway.service import Gateway, IdentityStates
 from gateway.store import IdentityRecord, IdentityState
 from gateway.store_memory import MemoryStore
 from gateway.transport import BrokerAddress, Route
@@ -173,46 +172,6 @@ def test_shared_routes_are_subscribed_through_the_share_group() -> None:
 def test_a_share_group_that_would_change_the_filter_is_refused(group: str) -> None:
     with pytest.raises(ValueError, match="share_group"):
         BrokerAddress("127.0.0.1", 1883, share_group=group)
-
-
-# -- batched admissions ------------------------------------------------------------------------
-
-
-async def test_admissions_arriving_together_share_one_round_trip() -> None:
-    sent: list[list[str]] = []
-
-    async def sync(identities: list) -> int:  # type: ignore[type-arg]
-        sent.append([i.id for i in identities])
-        await asyncio.sleep(0.05)  # the broker rewriting its file
-        return len(identities)
-
-    batcher = SyncBatcher(sync)
-    first = asyncio.create_task(batcher([Admitted("a")]))
-    await asyncio.sleep(0.01)  # "a" is with the broker now
-    rest = [asyncio.create_task(batcher([Admitted(name)])) for name in "bcd"]
-    assert await first == 1
-    assert await asyncio.gather(*rest) == [3, 3, 3]
-    assert sent == [["a"], ["b", "c", "d"]]
-    assert batcher.batches == 2
-
-
-async def test_a_failed_batch_fails_each_of_its_callers_and_the_next_batch_goes_on() -> None:
-    calls = 0
-
-    async def sync(identities: list) -> int:  # type: ignore[type-arg]
-        nonlocal calls
-        calls += 1
-        await asyncio.sleep(0.02)
-        if calls == 1:
-            raise ConnectionError("admin connection lost")
-        return len(identities)
-
-    batcher = SyncBatcher(sync)
-    failing = asyncio.create_task(batcher([Admitted("a")]))
-    await asyncio.sleep(0.005)
-    with pytest.raises(ConnectionError):
-        await failing
-    assert await batcher([Admitted("b")]) == 1
 
 
 # -- what the leader leaves to the certifying gateway -----------------------------------------
