@@ -321,12 +321,15 @@ class Store(Protocol):
         identity: IdentityRecord | None = None,
         certificate: CertificateRecord | None = None,
         audit: Sequence[AuditEntry] = (),
+        nonce: NonceRecord | None = None,
     ) -> None:
-        """One transaction: upsert the identity, mark that identity's other ACTIVE certificates
+        """One transaction: store ``nonce`` (a challenge's: it exists exactly when its stored
+        answer does), upsert the identity, mark that identity's other ACTIVE certificates
         SUPERSEDED and add ``certificate`` (if given), store the response, append the audit
-        events. Raises DuplicateError (nothing written) if the serial or the key fingerprint is
-        already taken, or (identity_id, request_id) already holds a response whose outcome is not
-        ``pending`` (a pending answer is replaced when the approved request is retried)."""
+        events. Raises DuplicateError (nothing written) if the nonce, the serial or the key
+        fingerprint is already taken, or (identity_id, request_id) already holds a response
+        whose outcome is not ``pending`` (a pending answer is replaced when the approved
+        request is retried)."""
         ...
 
     def change_state(

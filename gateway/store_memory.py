@@ -300,10 +300,14 @@ class MemoryStore:
         identity: IdentityRecord | None = None,
         certificate: CertificateRecord | None = None,
         audit: Sequence[AuditEntry] = (),
+        nonce: NonceRecord | None = None,
     ) -> None:
         response = in_utc(response)
         identity = None if identity is None else in_utc(identity)
         certificate = None if certificate is None else in_utc(certificate)
+        if nonce is not None:
+            check_nonce_value(nonce.value)
+            nonce = in_utc(nonce)
         with self._lock:
             key = (response.identity_id, response.request_id)
             previous = self._responses.get(key)
@@ -311,6 +315,8 @@ class MemoryStore:
                 raise DuplicateError(
                     f"request {response.request_id!r} of {response.identity_id!r} already answered"
                 )
+            if nonce is not None and nonce.value in self._nonces:
+                raise DuplicateError("nonce already issued")
             if identity is not None:
                 self._check_identity(identity)
             if certificate is not None:
@@ -330,6 +336,8 @@ class MemoryStore:
                         )
                 self._certificates[certificate.serial] = certificate
                 self._serial_by_key[certificate.public_key_fingerprint] = certificate.serial
+            if nonce is not None:
+                self._nonces[nonce.value] = nonce
             self._responses[key] = response
             self._audit.extend(chained)
 

@@ -65,6 +65,7 @@ class Decision:
     identity: IdentityRecord | None = None
     certificate: CertificateRecord | None = None
     audit: tuple[AuditEntry, ...] = ()
+    nonce: NonceRecord | None = None  # a challenge's, stored with it
 
 
 @dataclass
@@ -261,12 +262,13 @@ class Decider:
         _check_registry(self._store.get_identity(device_id), birth.fingerprint)
         nonce = self._random_bytes(NONCE_BYTES)
         expires_at = now + self._policy.nonce_ttl
-        self._store.put_nonce(NonceRecord(nonce, device_id, issued_at=now, expires_at=expires_at))
         fault_point("after_nonce_issued")
+        # stored with the challenge, in one transaction (``Store.record_outcome``)
         return Decision(
             response=Challenge(id=request.id, nonce=nonce, expires_at=unix(expires_at)),
             outcome="challenge",
             metric="challenges",
+            nonce=NonceRecord(nonce, device_id, issued_at=now, expires_at=expires_at),
         )
 
     def _check_chain(

@@ -253,6 +253,7 @@ class EnrollmentService:
                 identity=decision.identity,
                 certificate=decision.certificate,
                 audit=decision.audit,
+                nonce=decision.nonce,
             )
         except DuplicateError:
             return self._after_duplicate(where, request, key, decision, now)

@@ -7,7 +7,8 @@ and hand out a ``Transaction`` that runs ``Prepared`` statements on it:
 - writing: SQLite starts with ``BEGIN IMMEDIATE`` (see ``engine.py`` for why), PostgreSQL with
   the driver's implicit transaction; the block's end commits, and the commit has returned (with
   ``synchronous=FULL``: is on disk) before the caller gets control back. Any exception rolls
-  back. ``durable=False`` skips the sync of this one commit on SQLite;
+  back. ``durable=False`` skips the sync of this one commit on SQLite; ``each_statement_alone``
+  runs a block that needs no transaction in PostgreSQL's autocommit mode;
 - reading: one statement in autocommit mode, no transaction around it. SQLite's connections
   are in that mode already (``engine.py``); a PostgreSQL connection is switched to it for the
   read (a client-side flag), else the driver would wrap the one SELECT in a BEGIN and the
@@ -78,28 +79,38 @@ class Driver:
 
     @contextmanager
     def reading(self) -> Iterator[Transaction]:
-        with self._connection(write=False) as transaction:
+        with self._connection(write=False, autocommit=self._autocommit_reads) as transaction:
             yield transaction
 
     @contextmanager
-    def writing(self, *, durable: bool = True) -> Iterator[Transaction]:
+    def writing(
+        self, *, durable: bool = True, each_statement_alone: bool = False
+    ) -> Iterator[Transaction]:
         """A write transaction. ``durable=False`` (SQLite): the commit is not synced to disk on
         its own, only by the next durable commit or checkpoint (``synchronous=NORMAL`` for this
         one transaction); a power cut can undo it, never corrupt the database. Only for writes
-        whose loss the protocol already recovers from (see ``SqlStore``)."""
+        whose loss the protocol already recovers from (see ``SqlStore``).
+
+        ``each_statement_alone``: the block's statements need no transaction around them (a
+        single conditional UPDATE, and a read that follows it). PostgreSQL then runs them in
+        autocommit mode, each its own transaction: one round trip instead of BEGIN, the
+        statement and COMMIT."""
         relax = not durable and self._begin is not None
-        with self._connection(write=True, relax=relax) as transaction:
+        with self._connection(
+            write=True, relax=relax, autocommit=each_statement_alone and self._autocommit_reads
+        ) as transaction:
             yield transaction
 
     @contextmanager
-    def _connection(self, *, write: bool, relax: bool = False) -> Iterator[Transaction]:
+    def _connection(
+        self, *, write: bool, relax: bool = False, autocommit: bool = False
+    ) -> Iterator[Transaction]:
         try:
             # Unlike Connection, the pool hands connect failures over unwrapped.
             pooled = self._engine.raw_connection()
         except self._dbapi_error as error:
             raise self._wrapped(error, None, broken=False) from error
         transaction: Transaction | None = None
-        autocommit = not write and self._autocommit_reads
         try:
             if autocommit:
                 pooled.dbapi_connection.autocommit = True  # type: ignore[union-attr]
@@ -113,7 +124,7 @@ class Driver:
                     transaction.statement = self._begin
                     cursor.execute(self._begin)
                 yield transaction
-                if write:
+                if write and not autocommit:
                     transaction.statement = "COMMIT"
                     pooled.commit()
             finally:

@@ -294,6 +294,21 @@ def test_nonce_is_single_use(store: Store) -> None:
     )
 
 
+def test_a_challenge_and_its_nonce_are_stored_together_or_not_at_all(store: Store) -> None:
+    challenge = response(request_id="hello-1", outcome="challenge")
+    store.record_outcome(response=challenge, nonce=nonce())
+    assert store.get_response("dev-1", "hello-1") == challenge
+    # a nonce drawn twice (or a challenge stored twice): nothing of the second is written
+    again = response(request_id="hello-2", outcome="challenge")
+    with pytest.raises(DuplicateError):
+        store.record_outcome(response=again, nonce=nonce())
+    assert store.get_response("dev-1", "hello-2") is None
+    with pytest.raises(DuplicateError):
+        store.record_outcome(response=challenge, nonce=nonce(b"\x02" * 16))
+    assert store.consume_nonce(b"\x02" * 16, "dev-1", T0) is NonceCheck.UNKNOWN
+    assert store.consume_nonce(b"\x01" * 16, "dev-1", T0) is NonceCheck.OK
+
+
 def test_unknown_nonce(store: Store) -> None:
     assert store.consume_nonce(b"\x09" * 16, "dev-1", T0) is NonceCheck.UNKNOWN
 
