@@ -127,7 +127,12 @@ def attach_admin(gateway: Gateway) -> AdminService:
         log.warning("no audit public key: the admin API cannot verify audit checkpoints")
         audit_key = None
     telemetry = TelemetryCounter(gateway.clock)
-    relay = EventRelay(publish_event)
+    def heard() -> bool:
+        # the embedded broker knows its subscriptions; for Mosquitto, assume a listener
+        audience = getattr(gateway.broker, "has_audience", None)
+        return True if audience is None else bool(audience(EVENTS_TOPIC))
+
+    relay = EventRelay(publish_event, heard=heard)
     service = AdminService(
         GatewayBackend(gateway, audit_key=audit_key), telemetry=telemetry, events=relay
     )

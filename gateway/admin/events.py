@@ -79,13 +79,24 @@ class EventRelay:
     """A gateway event listener: publish each event, remember the notable ones.
 
     ``publish`` sends one encoded event (``None``: remember only, for tests and tools).
-    ``metrics`` counts ``published``, ``dropped.<why>`` and ``errors.publish``.
+    ``heard`` says whether anyone is subscribed to the event stream now (``None``: assume so);
+    an event nobody can receive is neither encoded nor sent, since a fleet's enrollments emit
+    several each and, with no console open, that was a twentieth of the embedded broker's
+    CPU (QoS 0 events to nobody are dropped by the broker anyway).
+    ``metrics`` counts ``published``, ``unheard``, ``dropped.<why>`` and ``errors.publish``.
     """
 
-    def __init__(self, publish: Publish | None, *, keep: int = DEFAULT_KEEP) -> None:
+    def __init__(
+        self,
+        publish: Publish | None,
+        *,
+        keep: int = DEFAULT_KEEP,
+        heard: Callable[[], bool] | None = None,
+    ) -> None:
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ValueError("keep must be an int >= 1")
         self._publish = publish
+        self._heard = heard
         self._notable: deque[EventView] = deque(maxlen=keep)
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -102,8 +113,20 @@ class EventRelay:
         if view.kind in NOTABLE_KINDS:
             with self._lock:
                 self._notable.appendleft(view)
-        if self._publish is not None:
-            self._schedule(view.encode())
+        if self._publish is None:
+            return
+        if self._heard is not None and not self._listened_to():
+            self.metrics["unheard"] += 1
+            return
+        self._schedule(view.encode())
+
+    def _listened_to(self) -> bool:
+        assert self._heard is not None
+        try:
+            return bool(self._heard())
+        except Exception:  # when in doubt, send
+            log.debug("could not tell whether anyone listens to events", exc_info=True)
+            return True
 
     def recent(self) -> list[EventView]:
         """Notable events, newest first."""

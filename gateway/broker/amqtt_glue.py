@@ -329,6 +329,11 @@ class FilteringBroker(Broker):  # type: ignore[misc]  # amqtt's classes are unty
 
     # -- retained messages --------------------------------------------------------------------
 
+    def has_subscribers(self, topic: str) -> bool:
+        """Whether a message on ``topic`` would reach anyone (offline persistent sessions
+        included)."""
+        return bool(self._subscriptions.matching(topic, self._matches))
+
     def _subscribed(self, session: Session, topic_filter: str) -> bool:
         return any(
             s.client_id == session.client_id for s, _ in self._subscriptions.get(topic_filter, ())

@@ -414,6 +414,12 @@ class EmbeddedBroker:
         """Client id -> principal of every live, admitted session."""
         return {cid: conn.principal for cid, conn in self._live.items() if conn.principal}
 
+    def has_audience(self, topic: str) -> bool:
+        """Whether a message published on ``topic`` now would reach a subscriber (True
+        before the broker runs: nobody can tell yet)."""
+        broker = self._broker
+        return True if broker is None else broker.has_subscribers(topic)
+
     async def kick(self, client_id: str) -> bool:
         """Cut the live session of ``client_id`` at once (its will is not published). Returns
         False when no such client is connected."""

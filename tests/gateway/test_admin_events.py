@@ -47,6 +47,34 @@ async def test_an_event_emitted_on_the_loop_is_published() -> None:
     assert relay.metrics["published"] == 1
 
 
+async def test_an_event_nobody_listens_to_is_neither_encoded_nor_sent() -> None:
+    recorder = Recorder()
+    listening = False
+    relay = EventRelay(recorder, heard=lambda: listening)
+    relay(GatewayEvent("connected", "dev-1", AT, {}))
+    relay(GatewayEvent("clone", "dev-2", AT, {}))
+    await _settle()
+    assert recorder.payloads == []
+    assert relay.metrics["unheard"] == 2
+    assert [e.subject for e in relay.recent()] == ["dev-2"]  # still kept for the attention view
+    listening = True  # a console subscribed
+    relay(GatewayEvent("connected", "dev-3", AT, {}))
+    await _settle()
+    assert [json.loads(p)["subject"] for p in recorder.payloads] == ["dev-3"]
+
+
+async def test_when_the_audience_cannot_be_told_the_event_is_sent() -> None:
+    recorder = Recorder()
+
+    def broken() -> bool:
+        raise RuntimeError("broker stopping")
+
+    relay = EventRelay(recorder, heard=broken)
+    relay(GatewayEvent("connected", "dev-1", AT, {}))
+    await _settle()
+    assert len(recorder.payloads) == 1 and relay.metrics["published"] == 1
+
+
 async def test_an_event_emitted_from_another_thread_is_published_on_the_loop() -> None:
     recorder = Recorder()
     relay = EventRelay(recorder)

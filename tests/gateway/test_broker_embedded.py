@@ -585,6 +585,18 @@ async def test_the_gateway_service_certificate_may_do_everything(env: Env) -> No
     assert env.connects[0][0].kind == "service"
 
 
+async def test_the_broker_tells_whether_a_topic_has_an_audience(env: Env) -> None:
+    events = "fg/v1/admin/events"
+    assert not env.broker.has_audience(events)
+    async with env.internal("console") as console:
+        await console.subscribe("fg/v1/admin/#", qos=0)
+        assert env.broker.has_audience(events)
+        assert not env.broker.has_audience("fg/v1/dev/dev-a/telemetry")
+        await console.unsubscribe("fg/v1/admin/#")
+        await settle()
+        assert not env.broker.has_audience(events)
+
+
 async def test_update_server_tls_serves_the_new_certificate(env: Env, pki_env: Pki) -> None:
     renewed = server_tls(pki_env.ca, pki_env.issuer)
     env.broker.update_server_tls(renewed)
