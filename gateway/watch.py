@@ -109,8 +109,13 @@ class BehaviourWatch:
 
     def _context(self, identity: str) -> IdentityContext | None:
         """The registry's view of ``identity``; the engine asks once per new identity (and
-        again for a verdict), not per message."""
+        again for a verdict), not per message. An identity the registry does not hold is
+        answered by the gateway's identity-state table, which remembers such misses for a
+        moment (the broker's ACL asked it already about an enrollee's first message): no
+        registry read on the event loop per enrolling device."""
         try:
+            if self._gateway.states(identity) is None:
+                return None
             record = self._gateway.store.get_identity(identity)
         except Exception:
             self.metrics["context.unavailable"] += 1
