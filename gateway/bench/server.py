@@ -31,9 +31,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gateway.collector import CollectorPolicy
+
 __all__ = ["TUNINGS", "GatewayProcess", "ServerError"]
 
-TUNINGS = ("ssl_buffer_kb", "state_miss_seconds", "admit_batch")
+TUNINGS = ("ssl_buffer_kb", "state_miss_seconds", "admit_batch", "gc_log", "collector")
 
 
 def descendants(pid: int) -> list[int]:
@@ -190,6 +192,31 @@ def _apply_tuning(tuning: dict[str, Any]) -> None:
         _remember_unknown_identities(float(miss_seconds))
     if tuning.get("admit_batch"):
         _admit_in_batches()
+    if tuning.get("gc_log"):
+        _log_full_collections()
+
+
+def _log_full_collections() -> None:
+    """Report every full (generation 2) garbage collection and how long it stopped the
+    process, on stderr (the benchmark's gateway log)."""
+    import gc
+
+    started: list[float] = []
+
+    def timed(phase: str, info: dict[str, int]) -> None:
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            started[:] = [time.perf_counter()]
+        elif started:
+            seconds = time.perf_counter() - started[0]
+            print(
+                f"gc: full collection {seconds * 1000:.0f} ms, {info.get('collected')} collected",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    gc.callbacks.append(timed)
 
 
 def _remember_unknown_identities(seconds: float) -> None:
@@ -289,6 +316,10 @@ async def _serve() -> None:
         with contextlib.suppress(Exception):
             await gateway.stop()
         return
+    # as `fleetgate run` does; --tuning collector=0 measures without it
+    collector = CollectorPolicy()
+    if str((setup.get("tuning") or {}).get("collector", "1")) != "0":
+        collector.install(loop)
     process = getattr(gateway.broker, "process", None)
     _emit(
         {
@@ -315,7 +346,7 @@ async def _serve() -> None:
             if op == "stop":
                 break
             if op == "metrics":
-                _emit({"ev": "metrics", **_metrics(gateway)})
+                _emit({"ev": "metrics", **_metrics(gateway), "collector": _collector(collector)})
             elif op in actions:
                 error = ""
                 t0 = time.monotonic()
@@ -327,7 +358,12 @@ async def _serve() -> None:
                 _emit({"ev": "done", "op": op, "id": message["id"], "t0": t0, "t1": t1,
                        "error": error})
     finally:
+        collector.uninstall()
         await gateway.stop()
+
+
+def _collector(policy: CollectorPolicy) -> dict[str, Any]:
+    return {**policy.metrics, "longest_pause_ms": round(policy.longest_pause_ms, 1)}
 
 
 def _metrics(gateway: Any) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from gateway.cli.common import (
     resolve_home,
     settings_for,
 )
+from gateway.collector import CollectorPolicy
 from gateway.config import DATABASE_ENV, ConfigError, load_settings
 from gateway.home import init_home, is_initialised
 from pki.errors import KeyStoreError
@@ -116,6 +117,9 @@ def run_command(
         except (KeyStoreError, ConfigError) as exc:
             fail(f"cannot open the gateway's keys: {exc}")
         await gateway.start()
+        # full garbage collections that stay short as the fleet grows (gateway.collector)
+        collector = CollectorPolicy()
+        collector.install(asyncio.get_running_loop())
         ports = gateway.ports
         role = f", cluster member {member.node}" if member is not None else ""
         console.print(
@@ -129,6 +133,7 @@ def run_command(
             await stop.wait()
         finally:
             console.print("stopping…")
+            collector.uninstall()
             await gateway.stop()
 
     asyncio.run(serve())
