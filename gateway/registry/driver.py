@@ -74,12 +74,13 @@ class Driver:
         self._dialect = dialect
         self._dbapi_error: type[Exception] = dialect.loaded_dbapi.Error
         self._begin = "BEGIN IMMEDIATE" if dialect.name == "sqlite" else None
-        # psycopg opens a transaction before the first statement unless in autocommit mode
-        self._autocommit_reads = dialect.name == "postgresql"
+        # psycopg opens a transaction before the first statement unless in autocommit mode,
+        # a flag it sets without a round trip: reads and single-statement writes switch it on
+        self._can_autocommit = dialect.name == "postgresql"
 
     @contextmanager
     def reading(self) -> Iterator[Transaction]:
-        with self._connection(write=False, autocommit=self._autocommit_reads) as transaction:
+        with self._connection(write=False, autocommit=self._can_autocommit) as transaction:
             yield transaction
 
     @contextmanager
@@ -97,7 +98,7 @@ class Driver:
         statement and COMMIT."""
         relax = not durable and self._begin is not None
         with self._connection(
-            write=True, relax=relax, autocommit=each_statement_alone and self._autocommit_reads
+            write=True, relax=relax, autocommit=each_statement_alone and self._can_autocommit
         ) as transaction:
             yield transaction
 

@@ -210,9 +210,13 @@ def test_a_failed_relaxed_write_leaves_its_connection_synced_again(tmp_path: Pat
 
 
 @pytest.fixture
-def wire(tmp_path: Path) -> Iterator[tuple[SqlStore, Callable[[], list[str]]]]:
+def wire(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[SqlStore, Callable[[], list[str]]]]:
     """A store on a fresh PostgreSQL database and ``sent()``: the queries its (one) pooled
-    connection sent since the last call, each a round trip to the server."""
+    connection sent since the last call, each a round trip to the server. A connection idle
+    for an hour is pinged (not a second): a slow machine must not add pings to the counts."""
+    monkeypatch.setattr(engine_module, "PING_IDLE_SECONDS", 3600.0)
     with fresh_postgres_database() as url, SqlStore(url) as store:
         log = (tmp_path / "libpq.trace").open("w+")
         pooled = store.engine.raw_connection()
