@@ -12,9 +12,12 @@ event loop, the broker and the enrollment thread all stop meanwhile, about a ten
 generation the collector never scans), so the next full collection scans only what was
 created since: its pause follows the rate of change, not the size of the fleet. Frozen objects
 are still freed by reference counting; only garbage in reference cycles among them would
-stay, so every ``rescan_seconds`` the policy unfreezes everything and the next full
-collection scans (and reclaims) the whole heap once. One long pause every ten minutes instead
-of one every few seconds.
+stay (a disconnected session's TLS and protocol objects, for instance), so the policy
+unfreezes everything and lets the next full collection scan (and reclaim) the whole heap once
+``rescan_seconds`` have passed, or sooner once the frozen objects have grown to ``growth``
+times what the last rescan left: frozen garbage never exceeds about the live heap (with the
+default of 2), however many devices come and go. During a fleet's onboarding that is one long
+pause per doubling of the heap, against one every few seconds.
 """
 
 from __future__ import annotations
@@ -27,28 +30,37 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["DEFAULT_RESCAN_SECONDS", "CollectorPolicy"]
+__all__ = ["DEFAULT_GROWTH", "DEFAULT_RESCAN_SECONDS", "CollectorPolicy"]
 
 DEFAULT_RESCAN_SECONDS = 600.0
+DEFAULT_GROWTH = 2.0
 
 
 class CollectorPolicy:
     """Install on the gateway's loop with ``install()``; ``uninstall()`` puts the collector
     back as it was (everything unfrozen). ``metrics`` counts ``full`` collections, ``frozen``
-    (survivors frozen after one) and ``rescans``; ``longest_pause_ms`` is the longest full
-    collection seen."""
+    (survivors frozen after one), ``rescans`` and ``rescans.growth`` (those the frozen
+    objects' growth brought forward); ``longest_pause_ms`` is the longest full collection seen
+    and ``frozen_objects`` how many objects were frozen at the last freeze."""
 
     def __init__(
         self,
         *,
         rescan_seconds: float = DEFAULT_RESCAN_SECONDS,
+        growth: float = DEFAULT_GROWTH,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        if isinstance(rescan_seconds, bool) or not isinstance(rescan_seconds, int | float):
-            raise TypeError("rescan_seconds must be a number")
+        for name, value in (("rescan_seconds", rescan_seconds), ("growth", growth)):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"{name} must be a number")
         if rescan_seconds <= 0:
             raise ValueError("rescan_seconds must be > 0")
+        if growth <= 1:
+            raise ValueError("growth must be > 1")
         self._rescan_seconds = float(rescan_seconds)
+        self._growth = float(growth)
+        self._baseline = 0  # objects frozen at the first freeze after the last rescan
+        self.frozen_objects = 0
         self._monotonic = monotonic
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started: float | None = None
@@ -65,6 +77,7 @@ class CollectorPolicy:
         gc.collect()
         gc.freeze()
         self._last_rescan = self._monotonic()
+        self._baseline = self.frozen_objects = gc.get_freeze_count()
         gc.callbacks.append(self._on_collection)
 
     def uninstall(self) -> None:
@@ -93,13 +106,24 @@ class CollectorPolicy:
             loop.call_soon_threadsafe(self.after_full_collection)
 
     def after_full_collection(self) -> None:
-        """Freeze the survivors of the full collection that just ended, or, once every
-        ``rescan_seconds``, unfreeze everything so that the next one scans the whole heap."""
+        """Freeze the survivors of the full collection that just ended, or unfreeze everything
+        so that the next one scans the whole heap (every ``rescan_seconds``, or once the frozen
+        objects have grown ``growth`` times since the last rescan)."""
+        if self._loop is None:  # uninstalled while this call was queued
+            return
         now = self._monotonic()
-        if now - self._last_rescan >= self._rescan_seconds:
+        due = now - self._last_rescan >= self._rescan_seconds
+        grown = self._baseline > 0 and gc.get_freeze_count() >= self._growth * self._baseline
+        if due or grown:
             gc.unfreeze()
             self._last_rescan = now
+            self._baseline = 0
             self.metrics["rescans"] += 1
+            if grown and not due:
+                self.metrics["rescans.growth"] += 1
             return
         gc.freeze()
+        self.frozen_objects = gc.get_freeze_count()
+        if self._baseline == 0:
+            self._baseline = self.frozen_objects
         self.metrics["frozen"] += 1

@@ -8,7 +8,7 @@ without its row, no serial twice, every device enrolled in the end, the audit ch
 
 The points, in the order one enrollment passes them::
 
-    after_nonce_issued   the nonce row is written, the challenge not yet committed
+    after_nonce_issued   the nonce drawn; it is written with its challenge, after this point
     after_csr_verified   CSR, nonce and evidence checked (the nonce is consumed)
     after_signing        the certificate is signed, its row not yet written
     after_row_written    the row and the stored answer are committed, nothing published

@@ -293,6 +293,9 @@ class Gateway:
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Future[None]] = set()
         self._audit_seq = 0
+        # changes the audit poll found but could not enforce (the broker failed): tried again
+        # at the next poll, since the reload that found them will not report them again
+        self._unenforced: dict[str, tuple[IdentityKind, IdentityState]] = {}
         self._trust_stamp: tuple[int, int] = (0, 0)
         self._refusals: dict[str, RefusalRecord] = {}
         self._seen: dict[str, datetime] = {}  # device -> when it last connected, unwritten
@@ -584,25 +587,36 @@ class Gateway:
             return
         loop = asyncio.get_running_loop()
         seq = await loop.run_in_executor(None, self._audit_head_seq)
-        if seq == self._audit_seq:
+        if seq == self._audit_seq and not self._unenforced:
             return
-        events = await loop.run_in_executor(
-            None, partial(self.store.audit_records, after_seq=self._audit_seq)
-        )
-        if not events:
+        events = []
+        if seq != self._audit_seq:
+            events = await loop.run_in_executor(
+                None, partial(self.store.audit_records, after_seq=self._audit_seq)
+            )
+        changed: dict[str, tuple[IdentityKind, IdentityState]] = {}
+        if events:
+            # Appends commit in sequence order (one writer at a time), so nothing can still
+            # appear below the last event read.
+            self._audit_seq = events[-1].seq
+            changed = await loop.run_in_executor(
+                None,
+                partial(
+                    self.states.reload,
+                    {event.entry.subject for event in events},
+                    new_active_devices=self.cluster is None,
+                ),
+            )
+        todo = {**self._unenforced, **changed}  # a newer state of an identity wins
+        if not todo and not events:
             return
-        # Appends commit in sequence order (one writer at a time), so nothing can still
-        # appear below the last event read.
-        self._audit_seq = events[-1].seq
-        changed = await loop.run_in_executor(
-            None,
-            partial(
-                self.states.reload,
-                {event.entry.subject for event in events},
-                new_active_devices=self.cluster is None,
-            ),
-        )
-        await self._enforce(changed)
+        try:
+            await self._enforce(todo)
+        except Exception:
+            self._unenforced = todo
+            self.metrics["enforce.retry"] += 1
+            raise
+        self._unenforced = {}
         if self.cluster is not None and self.transport is not None:
             await self.cluster.announce(self.transport, self._audit_seq)
 

@@ -363,7 +363,11 @@ async def _serve() -> None:
 
 
 def _collector(policy: CollectorPolicy) -> dict[str, Any]:
-    return {**policy.metrics, "longest_pause_ms": round(policy.longest_pause_ms, 1)}
+    return {
+        **policy.metrics,
+        "longest_pause_ms": round(policy.longest_pause_ms, 1),
+        "frozen_objects": policy.frozen_objects,
+    }
 
 
 def _metrics(gateway: Any) -> dict[str, Any]:

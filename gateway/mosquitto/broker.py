@@ -1144,7 +1144,11 @@ class MosquittoBroker:
 
         commands = commands_for(provisioned)
         if not commands:  # an active device with no dynsec object: the patterns grant it
-            self._enforced[identity] = target
+            # On an external broker that is an assumption (a certified admission, see
+            # ``sync``), not knowledge: a later sync of this identity (a new leader's repair
+            # of what the last one left undone) must still send its reset.
+            if not self._external:
+                self._enforced[identity] = target
             return
         try:
             results = await self._commit.submit(commands, urgent=urgent(), key=identity)

@@ -113,11 +113,11 @@ class Driver:
             raise self._wrapped(error, None, broken=False) from error
         transaction: Transaction | None = None
         try:
-            if autocommit:
-                pooled.dbapi_connection.autocommit = True  # type: ignore[union-attr]
             cursor = pooled.cursor()
             transaction = Transaction(cursor)
             try:
+                if autocommit:
+                    pooled.dbapi_connection.autocommit = True  # type: ignore[union-attr]
                 if relax:
                     transaction.statement = _RELAXED
                     cursor.execute(_RELAXED)

@@ -118,7 +118,8 @@ def _server_engine(url: URL) -> Engine:
     millisecond earlier. A connection that dies between its last use and this check still
     fails its statement; the call gets the registry's typed error and the device retries.
     """
-    engine = create_engine(url)
+    # LIFO: under light load the connection lent is the one used last, not yet worth a ping
+    engine = create_engine(url, pool_use_lifo=True)
     dialect = engine.dialect
     dbapi_error: type[Exception] = dialect.loaded_dbapi.Error
     last_broken = [float("-inf")]
@@ -142,7 +143,7 @@ def _server_engine(url: URL) -> Engine:
         try:
             dialect.do_ping(dbapi_connection)
         except dbapi_error as error:
-            # the pool drops this connection and lends another (up to three tries)
+            # the pool drops this connection and lends another (it retries the checkout)
             raise DisconnectionError(f"pooled connection failed its ping: {error}") from error
 
     return engine

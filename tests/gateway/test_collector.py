@@ -27,11 +27,21 @@ def cycle() -> weakref.ref[Node]:
     return weakref.ref(a)
 
 
-@pytest.fixture
-def clock() -> Iterator[list[float]]:
-    now = [0.0]
-    yield now
+@pytest.fixture(autouse=True)
+def explicit_collections_only() -> Iterator[None]:
+    """Only the collections a test runs itself: an automatic one while it allocates would
+    shift the sequence it checks."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    yield
+    if was_enabled:
+        gc.enable()
     gc.unfreeze()
+
+
+@pytest.fixture
+def clock() -> list[float]:
+    return [0.0]
 
 
 async def _settle() -> None:
@@ -78,11 +88,45 @@ async def test_a_cycle_frozen_with_the_survivors_is_reclaimed_at_the_next_rescan
         policy.uninstall()
 
 
-def test_the_rescan_interval_must_be_positive() -> None:
+async def test_a_frozen_heap_that_doubled_is_rescanned_before_the_interval(
+    clock: list[float],
+) -> None:
+    """Devices coming and going leave cycles among frozen objects: however fast that goes,
+    the frozen part is scanned again once it has doubled."""
+    policy = CollectorPolicy(rescan_seconds=600, growth=2, monotonic=lambda: clock[0])
+    policy.install(asyncio.get_running_loop())
+    try:
+        start = gc.get_freeze_count()
+        kept = [Node() for _ in range(start + 1000)]  # the heap more than doubles
+        gc.collect()
+        await _settle()
+        assert policy.metrics["frozen"] == 1 and policy.metrics["rescans"] == 0
+        assert policy.frozen_objects >= 2 * start
+        gc.collect()
+        await _settle()
+        assert policy.metrics["rescans.growth"] == 1  # ten minutes had not passed
+        assert gc.get_freeze_count() == 0  # the next full collection scans everything
+        assert len(kept) > start
+    finally:
+        policy.uninstall()
+
+
+async def test_a_freeze_queued_before_uninstall_does_not_run_after_it() -> None:
+    policy = CollectorPolicy()
+    policy.install(asyncio.get_running_loop())
+    gc.collect()  # queues a freeze on the loop
+    policy.uninstall()
+    await _settle()
+    assert gc.get_freeze_count() == 0
+
+
+def test_the_rescan_interval_and_growth_are_checked() -> None:
     with pytest.raises(ValueError):
         CollectorPolicy(rescan_seconds=0)
     with pytest.raises(TypeError):
         CollectorPolicy(rescan_seconds="600")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        CollectorPolicy(growth=1)
 
 
 async def test_it_is_installed_once() -> None:

@@ -907,12 +907,16 @@ async def test_an_admission_on_a_shared_broker_never_undoes_another_writers_quar
             await dev.publish(topics.telemetry("dev-race"), b"still quarantined")
             await dev.publish(topics.quarantine("dev-race"), b"outlet")
             assert await watcher.next() == (topics.quarantine("dev-race"), b"outlet")
-        # a sync of what the registry holds (start-up, takeover) is not sure: it resets
-        other_again = Record("dev-race", IdentityKind.DEVICE, IdentityState.QUARANTINED)
-        await other.sync([other_again])
+        # The admission told the gateway nothing about the role: when it later syncs what the
+        # registry holds (a new leader repairing a release the dead one never enforced), it
+        # still sends the reset, and the device gets its rights back.
         sent = other.commit.commands
         assert await other.sync([admitted]) == 1
         assert other.commit.commands == sent + 1
+        async with spy(leader) as watcher, device(leader, pki, "dev-race") as dev:
+            assert await watcher.subscribe("fg/#")
+            await dev.publish(topics.telemetry("dev-race"), b"released")
+            assert await watcher.next() == (topics.telemetry("dev-race"), b"released")
     finally:
         await other.stop()
         await leader.stop()
