@@ -34,7 +34,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic.util import CommandError
 from sqlalchemy import Connection, Engine, case, insert, select
@@ -47,6 +47,7 @@ from gateway.registry.driver import Driver, Transaction
 from gateway.registry.engine import DEFAULT_BUSY_TIMEOUT_MS, create_registry_engine, writer
 from gateway.registry.errors import translated
 from gateway.registry.migrate import upgrade
+from gateway.registry.prepared import Prepared
 from gateway.registry.statements import Statements
 from gateway.registry.tables import (
     AuditCheckpointRow,
@@ -124,6 +125,34 @@ def refusal_upsert(dialect: str) -> sqlite.Insert | postgresql.Insert:
     )
     changes["count"] = stored["count"] + new["count"]
     return statement.on_conflict_do_update(index_elements=[stored["key"]], set_=changes)
+
+
+Check = TypeVar("Check", NonceCheck, TokenCheck)
+
+
+def _consume(
+    sql: Transaction,
+    consume: Prepared,
+    lookup: Prepared,
+    outcomes: type[Check],
+    device_id: str,
+    now: datetime,
+    **key: Any,
+) -> Check:
+    """Use a single-use secret (a nonce, a bootstrap token) for ``device_id``. The conditional
+    update is the atomic test-and-set: of two concurrent consumers exactly one sees a row
+    change. It needs no transaction around it, nor does the read that explains a refusal
+    (whatever changed in between, the secret is refused)."""
+    if sql.execute(consume, device_id=device_id, now=now, used_at=now, **key) == 1:
+        return outcomes.OK
+    row = sql.first(lookup, **key)
+    if row is None:
+        return outcomes.UNKNOWN
+    if row["device_id"] != device_id:
+        return outcomes.OTHER_DEVICE
+    if row["used_at"] is not None:
+        return outcomes.REUSED
+    return outcomes.EXPIRED
 
 
 class SqlStore:
@@ -251,25 +280,12 @@ class SqlStore:
     def consume_nonce(self, value: bytes, device_id: str, now: datetime) -> NonceCheck:
         key = convert.nonce_key(value)
         convert.require_aware_time(now)
-        # The conditional update is the atomic test-and-set: of two concurrent consumers
-        # exactly one sees a row change. It needs no transaction around it, nor does the read
-        # that explains a refusal (whatever changed in between, the nonce is refused).
         with self._writing(
             "consuming a nonce", durable=False, each_statement_alone=True
         ) as sql:
-            changed = sql.execute(
-                self._sql.nonce_consume, value=key, device_id=device_id, now=now, used_at=now
+            return _consume(
+                sql, self._sql.nonce_consume, self._sql.nonce, NonceCheck, device_id, now, value=key
             )
-            if changed == 1:
-                return NonceCheck.OK
-            row = sql.first(self._sql.nonce, value=key)
-        if row is None:
-            return NonceCheck.UNKNOWN
-        if row["device_id"] != device_id:
-            return NonceCheck.OTHER_DEVICE
-        if row["used_at"] is not None:
-            return NonceCheck.REUSED
-        return NonceCheck.EXPIRED
 
     # bootstrap tokens
 
@@ -281,24 +297,16 @@ class SqlStore:
 
     def consume_token(self, token_hash: str, device_id: str, now: datetime) -> TokenCheck:
         convert.require_aware_time(now)
-        with self._writing("consuming a bootstrap token") as sql:
-            changed = sql.execute(
+        with self._writing("consuming a bootstrap token", each_statement_alone=True) as sql:
+            return _consume(
+                sql,
                 self._sql.token_consume,
+                self._sql.token,
+                TokenCheck,
+                device_id,
+                now,
                 token_hash=token_hash,
-                device_id=device_id,
-                now=now,
-                used_at=now,
             )
-            if changed == 1:
-                return TokenCheck.OK
-            row = sql.first(self._sql.token, token_hash=token_hash)
-        if row is None:
-            return TokenCheck.UNKNOWN
-        if row["device_id"] != device_id:
-            return TokenCheck.OTHER_DEVICE
-        if row["used_at"] is not None:
-            return TokenCheck.REUSED
-        return TokenCheck.EXPIRED
 
     # certificates
 

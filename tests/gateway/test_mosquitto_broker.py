@@ -163,6 +163,25 @@ async def start_broker(pki: Pki, run_dir: Path, **options: object) -> MosquittoB
     return broker
 
 
+ADMIN_PASSWORD = "operator-secret-0123"
+
+
+def external_to(managed: MosquittoBroker, tmp_path: Path, **options: object) -> MosquittoBroker:
+    """Another gateway driving ``managed`` (started with ``ADMIN_PASSWORD``) as an external
+    broker, through its admin account."""
+    ports = managed.ports
+    return MosquittoBroker(
+        tmp_path / "unused",
+        Listeners("127.0.0.1", ports["enrollment"], ports["operational"], ports["internal"]),
+        None,
+        None,
+        external=True,
+        admin_password=ADMIN_PASSWORD,
+        internal_username="_fg_other_gateway",
+        **options,  # type: ignore[arg-type]
+    )
+
+
 @pytest.fixture
 async def broker(pki: Pki, tmp_path: Path) -> AsyncIterator[MosquittoBroker]:
     started = await start_broker(pki, tmp_path / "run")
@@ -834,17 +853,11 @@ async def test_identities_from_the_registry_are_enforced_from_the_first_connecti
 async def test_an_external_broker_is_driven_through_its_admin_account(
     pki: Pki, tmp_path: Path
 ) -> None:
-    managed = await start_broker(pki, tmp_path / "run", admin_password="operator-secret-0123")
-    ports = managed.ports
+    managed = await start_broker(pki, tmp_path / "run", admin_password=ADMIN_PASSWORD)
     observed: list[Observation] = []
-    external = MosquittoBroker(
-        tmp_path / "unused",
-        Listeners("127.0.0.1", ports["enrollment"], ports["operational"], ports["internal"]),
-        None,
-        None,
-        external=True,
-        admin_password="operator-secret-0123",
-        internal_username="_fg_other_gateway",
+    external = external_to(
+        managed,
+        tmp_path,
         crl_path=tmp_path / "crl-for-operator.pem",
         observer=observed.append,
     )
@@ -882,19 +895,9 @@ async def test_an_admission_on_a_shared_broker_never_undoes_another_writers_quar
     certified active needs no dynsec objects with device patterns), so it cannot reset the
     quarantine role the leader made; a plain sync of an external broker does reset it."""
     leader = await start_broker(
-        pki, tmp_path / "run", admin_password="operator-secret-0123", device_patterns=True
+        pki, tmp_path / "run", admin_password=ADMIN_PASSWORD, device_patterns=True
     )
-    ports = leader.ports
-    other = MosquittoBroker(
-        tmp_path / "unused",
-        Listeners("127.0.0.1", ports["enrollment"], ports["operational"], ports["internal"]),
-        None,
-        None,
-        external=True,
-        admin_password="operator-secret-0123",
-        internal_username="_fg_other_gateway",
-        device_patterns=True,
-    )
+    other = external_to(leader, tmp_path, device_patterns=True)
     try:
         await other.start()
         await leader.apply("dev-race", IdentityState.QUARANTINED)
