@@ -37,6 +37,12 @@ from gateway.protocol.topics import device_of, topic_matches
 log = logging.getLogger(__name__)
 
 MAX_QUEUED_PER_DEVICE = 16
+# A connection the broker drops before its CONNACK (Mosquitto kicks a session whose account a
+# starting gateway of the cluster just set up) leaves aiomqtt waiting out its whole timeout:
+# give up on such an attempt soon and connect again; acknowledgements of subscriptions and
+# publications keep the longer limit.
+CONNECT_TIMEOUT_SECONDS = 3.0
+OPERATION_TIMEOUT_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -182,6 +188,7 @@ class MqttTransport:
         prepare: Callable[[Message], Awaitable[None]] | None = None,
         max_backoff: float = 5.0,
         max_queued_per_device: int = MAX_QUEUED_PER_DEVICE,
+        connect_timeout: float = CONNECT_TIMEOUT_SECONDS,
     ) -> None:
         """``prepare`` runs on the event loop before each reply is published (the service uses
         it to let a newly certified device onto the broker before it hears of its certificate).
@@ -190,6 +197,9 @@ class MqttTransport:
         self._routes = list(routes)
         self._prepare = prepare
         self._max_backoff = max_backoff
+        if not connect_timeout > 0:
+            raise ValueError("connect_timeout must be positive")
+        self._connect_timeout = connect_timeout
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="enrollment")
         self._queue = FairQueue(max_queued_per_device)
         self._client: aiomqtt.Client | None = None
@@ -251,6 +261,7 @@ class MqttTransport:
                     username=self._address.username,
                     password=self._address.password,
                     keepalive=30,
+                    timeout=self._connect_timeout,
                     max_queued_outgoing_messages=100_000,
                     # bounded: a flood waits in the broker (and is rate limited), not here
                     max_queued_incoming_messages=10_000,
@@ -260,6 +271,7 @@ class MqttTransport:
                         else aiomqtt.ProtocolVersion.V311
                     ),
                 ) as client:
+                    client.timeout = OPERATION_TIMEOUT_SECONDS  # connected: see above
                     _nodelay(client)
                     for route in self._routes:
                         await client.subscribe(self._address.subscription(route), qos=1)

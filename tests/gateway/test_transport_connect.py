@@ -1,0 +1,110 @@
+"""The gateway's MQTT client gets to a working session even when the broker drops its first
+connection before acknowledging it (Mosquitto does that to a session whose account another
+gateway of the cluster is setting up at that moment): the attempt is abandoned after
+``connect_timeout`` and made again, well within the gateway's start-up wait."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.mosquitto.process import find_mosquitto
+from gateway.transport import BrokerAddress, MqttTransport, Route
+
+pytestmark = [pytest.mark.broker]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def broker_port(tmp_path: Path) -> Iterator[int]:
+    try:
+        binary = find_mosquitto()
+    except Exception as exc:  # not installed here
+        pytest.skip(f"mosquitto: {exc}")
+    port = _free_port()
+    config = tmp_path / "mosquitto.conf"
+    config.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
+    process = subprocess.Popen(
+        [str(binary), "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+            assert time.monotonic() < deadline, "mosquitto did not start"
+            time.sleep(0.05)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(5)
+
+
+@pytest.fixture
+async def dropping_first(broker_port: int) -> AsyncIterator[tuple[int, list[str]]]:
+    """A proxy in front of the broker that reads the first connection's CONNECT and closes it
+    unanswered; later connections pass through."""
+    seen: list[str] = []
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not seen:
+            seen.append("dropped")
+            await reader.read(1024)  # the CONNECT
+            writer.transport.abort()  # a reset, no CONNACK
+            return
+        seen.append("passed")
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", broker_port)
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        yield port, seen
+
+
+def _nothing(topic: str, payload: bytes) -> list[object]:
+    return []
+
+
+async def test_a_connection_dropped_before_its_acknowledgement_is_made_again(
+    dropping_first: tuple[int, list[str]],
+) -> None:
+    port, seen = dropping_first
+    transport = MqttTransport(
+        BrokerAddress("127.0.0.1", port, client_id="gw-under-test"),
+        [Route("fg/v1/test/#", _nothing)],
+        max_backoff=0.2,
+        connect_timeout=0.5,
+    )
+    started = time.monotonic()
+    try:
+        await transport.start(timeout=5)
+    finally:
+        await transport.stop()
+    assert seen[:2] == ["dropped", "passed"]
+    assert transport.connections == 1
+    assert time.monotonic() - started < 5
+
+
+def test_the_connect_timeout_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        MqttTransport(BrokerAddress("127.0.0.1", 1), [], connect_timeout=0)
