@@ -47,7 +47,7 @@ from typing import Any
 
 from gateway.bench.home import make_bench_home
 from gateway.bench.machine import describe_machine
-from gateway.bench.procstat import sample
+from gateway.bench.procstat import context_switches, main_thread_cpu, sample
 from gateway.bench.speed import speed_probe
 from gateway.config import DATABASE_ENV
 
@@ -271,6 +271,22 @@ def _cpu_each(pids: dict[str, int]) -> dict[str, float]:
     return {name: _cpu([pid]) for name, pid in pids.items()}
 
 
+def _loop_cpu_each(pids: dict[str, int]) -> dict[str, float]:
+    found = {}
+    for name, pid in pids.items():
+        with contextlib.suppress(ProcessLookupError):
+            found[name] = main_thread_cpu(pid)
+    return found
+
+
+def _switches_each(pids: dict[str, int]) -> dict[str, tuple[int, int]]:
+    found = {}
+    for name, pid in pids.items():
+        with contextlib.suppress(ProcessLookupError):
+            found[name] = context_switches(pid)
+    return found
+
+
 async def _round(
     count: int, options: ScaleoutOptions, folder: Path, progress: Callable[[str], None]
 ) -> dict[str, Any]:
@@ -310,8 +326,13 @@ async def _round(
             idle_end = _cpu_each(gateway_pids)
             probe_ms = speed_probe()  # how fast the machine is now (the fleet waits for it)
             broker_cpu = _cpu(broker_pids)
+            switches_start = _switches_each(gateway_pids)
+            loop_start = _loop_cpu_each(gateway_pids)
+            busy_start = _cpu_each(gateway_pids)
             seconds, met = await _enroll_fleet(settings, shared, options)
             busy_end = _cpu_each(gateway_pids)
+            loop_end = _loop_cpu_each(gateway_pids)
+            switches_end = _switches_each(gateway_pids)
             broker_cpu = _cpu(broker_pids) - broker_cpu
             leaders = [name for name in names if _LEADING in children.output(name)]
         finally:
@@ -326,6 +347,15 @@ async def _round(
     idle_total = sum(idle_rate.values())
     less_idle = max(gateway_cpu - idle_total * seconds, 0.0)
     per_ms = 1000 / options.devices
+    # the event loop (MQTT client, broker control, timers) apart from the worker threads
+    # (enrollment core, registry): which of the two grows with the count
+    loop = {n: loop_end[n] - loop_start[n] for n in names if n in loop_start and n in loop_end}
+    threads = {n: (busy_end[n] - busy_start[n]) - loop[n] for n in loop}
+    switched = {
+        n: tuple(b - a for a, b in zip(switches_start[n], switches_end[n], strict=True))
+        for n in names
+        if n in switches_start and n in switches_end
+    }
     return {
         "gateways": count,
         "devices": options.devices,
@@ -335,6 +365,13 @@ async def _round(
         "gateway_idle_cpu_ms_per_s": round(idle_total * 1000, 1),
         "gateway_cpu_ms_per_enrollment_less_idle": round(less_idle * per_ms, 2),
         "broker_cpu_ms_per_enrollment": round(broker_cpu * per_ms, 2),
+        # how often the gateways' threads slept and were woken (voluntary) or were preempted
+        "gateway_wakeups_per_enrollment": round(
+            sum(v for v, _ in switched.values()) / options.devices, 2
+        ),
+        "gateway_preemptions_per_enrollment": round(
+            sum(i for _, i in switched.values()) / options.devices, 2
+        ),
         "speed_probe_ms": round(probe_ms, 2),
         "per_gateway": [
             {
@@ -342,6 +379,9 @@ async def _round(
                 "leader": n in leaders,
                 "idle_cpu_ms_per_s": round(idle_rate[n] * 1000, 1),
                 "cpu_ms_per_enrollment": round(busy[n] * per_ms, 2),
+                "wakeups_per_enrollment": round(switched.get(n, (0, 0))[0] / options.devices, 2),
+                "loop_cpu_ms_per_enrollment": round(loop.get(n, 0.0) * per_ms, 2),
+                "threads_cpu_ms_per_enrollment": round(threads.get(n, 0.0) * per_ms, 2),
             }
             for n in names
         ],
@@ -364,6 +404,8 @@ _SUMMED = (
     "speed_probe_ms",
     "device_retries",
 )
+# read from the kernel's scheduler counts, absent where /proc has none
+_DIAGNOSTIC = ("gateway_wakeups_per_enrollment", "gateway_preemptions_per_enrollment")
 
 
 def _in_probe_units(entry: dict[str, Any]) -> float:
@@ -381,6 +423,9 @@ def summarize(gateways: tuple[int, ...], rounds: list[dict[str, Any]]) -> list[d
         entry: dict[str, Any] = {"gateways": count, "rounds": len(mine)}
         for key in _SUMMED:
             entry[key] = round(statistics.fmean(r[key] for r in mine), 2)
+        for key in _DIAGNOSTIC:
+            if all(key in r for r in mine):
+                entry[key] = round(statistics.fmean(r[key] for r in mine), 2)
         cpu = [r["gateway_cpu_ms_per_enrollment"] for r in mine]
         entry["gateway_cpu_ms_per_enrollment_range"] = [min(cpu), max(cpu)]
         summary.append(entry)

@@ -167,12 +167,19 @@ class GatewayBackend:
         return gateway.call(self._connected_now(), self._timeout)
 
     async def _connected_now(self) -> frozenset[str]:
-        broker = self._gateway.broker
+        gateway = self._gateway
+        broker = gateway.broker
         if broker is None:
             return frozenset()
-        return frozenset(
-            p.name for p in broker.connected().values() if p.kind in _IDENTITY_KINDS
+        # In a cluster only the leader follows the broker's connection notices: the others
+        # ask it (ClusterError NO_LEADER when none answers).
+        cluster = gateway.cluster
+        sessions = (
+            broker.connected()
+            if cluster is None
+            else await cluster.connected(gateway.transport)
         )
+        return frozenset(p.name for p in sessions.values() if p.kind in _IDENTITY_KINDS)
 
     def audit_public_key(self) -> CertificatePublicKeyTypes | None:
         return self._audit_key

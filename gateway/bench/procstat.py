@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ProcessSample", "sample", "sample_all"]
+__all__ = ["ProcessSample", "context_switches", "main_thread_cpu", "sample", "sample_all"]
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -27,6 +27,22 @@ class ProcessSample:
             raise ValueError("pid must be positive")
 
 
+def _cpu_of(stat: str) -> float:
+    # The command name (field 2) may contain spaces and parentheses: split after its last ")".
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
+
+
+def main_thread_cpu(pid: int) -> float:
+    """CPU seconds of the process's main thread alone (an asyncio service's event loop; the
+    rest of ``sample(pid).cpu_seconds`` is its other threads'). Raises ``ProcessLookupError``
+    when ``pid`` is gone."""
+    try:
+        return _cpu_of(Path(f"/proc/{pid}/task/{pid}/stat").read_text())
+    except FileNotFoundError:
+        raise ProcessLookupError(pid) from None
+
+
 def sample(pid: int) -> ProcessSample:
     """Raises ``ProcessLookupError`` when ``pid`` is gone."""
     try:
@@ -34,9 +50,7 @@ def sample(pid: int) -> ProcessSample:
         status = Path(f"/proc/{pid}/status").read_text()
     except FileNotFoundError:
         raise ProcessLookupError(pid) from None
-    # The command name (field 2) may contain spaces and parentheses: split after its last ")".
-    fields = stat.rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
+    cpu = _cpu_of(stat)
     memory = {}
     for line in status.splitlines():
         key, _, value = line.partition(":")
@@ -54,3 +68,26 @@ def sample_all(pids: list[int]) -> list[ProcessSample]:
         except ProcessLookupError:
             continue
     return samples
+
+
+def context_switches(pid: int) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches of every thread of ``pid`` so far: a thread
+    that sleeps and is woken again counts one voluntary switch, one the scheduler preempts
+    an involuntary one. Raises ``ProcessLookupError`` when ``pid`` is gone."""
+    voluntary = involuntary = 0
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:
+        raise ProcessLookupError(pid) from None
+    for task in tasks:
+        try:
+            status = (task / "status").read_text()
+        except FileNotFoundError:
+            continue  # a thread that ended meanwhile
+        for line in status.splitlines():
+            key, _, value = line.partition(":")
+            if key == "voluntary_ctxt_switches":
+                voluntary += int(value)
+            elif key == "nonvoluntary_ctxt_switches":
+                involuntary += int(value)
+    return voluntary, involuntary

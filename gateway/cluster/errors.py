@@ -15,6 +15,7 @@ class ClusterReason(StrEnum):
     BAD_SHARED_BROKER = "bad_shared_broker"  # that file does not describe a broker
     RELOAD_FAILED = "broker_reload_failed"  # the shared broker could not be told to reload
     NOT_ENFORCED = "not_enforced_yet"  # recorded, but no leader confirmed enforcing it in time
+    NO_LEADER = "no_leader"  # a question only the leader can answer got no answer in time
 
 
 class ClusterError(Exception):

@@ -8,17 +8,19 @@ import logging
 import os
 import re
 import socket
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
 
 from gateway.acl import Principal
 from gateway.cluster.election import LeaderLock, Leadership, PostgresLeaderLock
 from gateway.cluster.enforced import ENFORCED_TOPIC, EnforcementWatch, announcement
 from gateway.cluster.errors import ClusterError, ClusterReason
+from gateway.cluster.sessions import SESSIONS_ASK_TOPIC, SessionsAsker, answer, parse_question
 from gateway.cluster.shared_broker import SharedBroker, SharedBrokerControl, load_shared_broker
 from gateway.config import Settings
 from gateway.observe import Observer
 from gateway.protocol import topics
-from gateway.transport import MqttTransport, Route
+from gateway.transport import Message, MqttTransport, Outgoing, Route
 from pki.clock import Clock
 
 __all__ = ["SHARE_GROUP", "ClusterMember", "default_node_name"]
@@ -68,6 +70,10 @@ class ClusterMember:
         self._enforce_timeout = enforce_timeout
         self.watch = EnforcementWatch()
         self._leadership: Leadership | None = None
+        self._control: SharedBrokerControl | None = None
+        self._asker = SessionsAsker(name)
+        # bad_question: a malformed question about sessions, dropped
+        self.metrics: Counter[str] = Counter()
 
     @property
     def is_leader(self) -> bool:
@@ -91,14 +97,15 @@ class ClusterMember:
         on_clone: Callable[[Principal, str, str], None] | None,
         observer: Observer | None = None,
     ) -> SharedBrokerControl:
-        """This gateway's control of the shared broker. Every gateway's admin connection hears
-        the broker's connection notices; only the leader reacts to a clone."""
+        """This gateway's control of the shared broker. Its admin connection follows the
+        broker's connection notices only while this gateway leads (see ``connected``); only
+        the leader reacts to a clone."""
 
         def leader_only(principal: Principal, first: str, second: str) -> None:
             if self.is_leader and on_clone is not None:
                 on_clone(principal, first, second)
 
-        return SharedBrokerControl(
+        self._control = SharedBrokerControl(
             self.shared,
             internal_username=self.account,
             clock=clock,
@@ -107,10 +114,46 @@ class ClusterMember:
             # A broker rewriting a large dynsec file answers late; a gateway that gave up at
             # start would just be one fewer.
             command_timeout=BROKER_COMMAND_TIMEOUT,
+            follow_sessions=False,  # until elected
         )
+        return self._control
 
     def routes(self) -> list[Route]:
-        return [Route(ENFORCED_TOPIC, self.watch.handle, inline=True)]
+        return [
+            Route(ENFORCED_TOPIC, self.watch.handle, inline=True),
+            Route(SESSIONS_ASK_TOPIC, self._answer_question, inline=True),
+            Route(self._asker.topic, self._asker.handle_answer, inline=True),
+        ]
+
+    async def connected(self, transport: MqttTransport | None) -> dict[str, Principal]:
+        """Client id -> who, from the leader's session table: this gateway's own while it
+        leads, else the leader's answer (ClusterError(NO_LEADER) if none comes in time)."""
+        control = self._control
+        if control is None:
+            return {}
+        if self.is_leader:
+            return control.connected()
+        if transport is None:
+            raise ClusterError(ClusterReason.NO_LEADER, "this gateway is not connected")
+        return await self._asker.ask(transport.publish)
+
+    @property
+    def asked(self) -> Counter[str]:
+        """What the questions this gateway asked the leader came to (``SessionsAsker``)."""
+        return self._asker.metrics
+
+    def _answer_question(self, topic: str, payload: bytes) -> Sequence[Message]:
+        """Every gateway hears each question; the leader answers it."""
+        if not self.is_leader or self._control is None:
+            return []
+        try:
+            node, ask_id = parse_question(payload)
+        except ValueError as exc:
+            self.metrics["bad_question"] += 1
+            log.warning("ignored a question about sessions: %s", exc)
+            return []
+        reply: Outgoing = answer(node, ask_id, self._control.connected())
+        return [reply]
 
     async def start(
         self,
@@ -120,8 +163,19 @@ class ClusterMember:
     ) -> None:
         if self._leadership is not None:
             raise RuntimeError("already started")
+
+        async def elected() -> None:
+            if self._control is not None:  # the leader's session table starts now
+                await self._control.follow_sessions(True)
+            await on_elected()
+
+        async def deposed() -> None:
+            if self._control is not None:
+                await self._control.follow_sessions(False)
+            await on_deposed()
+
         self._leadership = Leadership(
-            self._lock, on_elected=on_elected, on_deposed=on_deposed, interval=self._interval
+            self._lock, on_elected=elected, on_deposed=deposed, interval=self._interval
         )
         await self._leadership.start()
 

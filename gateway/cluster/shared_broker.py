@@ -168,11 +168,13 @@ class SharedBrokerControl:
         on_clone: Callable[[Principal, str, str], None] | None = None,
         observer: Observer | None = None,
         command_timeout: float = 10.0,
+        follow_sessions: bool = True,
     ) -> None:
         """``internal_username``: this gateway's own message-client account (``_fg_...``).
-        ``observer`` hears every session of a certificate identity on the shared broker (every
-        gateway's admin connection reads the same notices: each gateway's observer hears the
-        whole fleet, not only the devices it enrolled)."""
+        ``observer`` hears every session of a certificate identity on the shared broker, the
+        whole fleet's, not only the devices this gateway enrolled, while the broker's
+        connection notices are followed (``follow_sessions``; a cluster's leader alone
+        follows them)."""
         self._shared = shared
         self._clock: Clock = clock or SystemClock()
         self._internal_username = dynsec.check_reserved_username(internal_username)
@@ -201,6 +203,7 @@ class SharedBrokerControl:
             # the keeper's broker has the device patterns (a managed MosquittoBroker): an
             # active device needs no dynsec object, other gateways' quarantines stay in force
             device_patterns=True,
+            follow_sessions=follow_sessions,
         )
 
     @property
@@ -258,7 +261,16 @@ class SharedBrokerControl:
         return await self._broker.kick(client_id)
 
     def connected(self) -> dict[str, Principal]:
+        """Empty while the connection notices are not followed."""
         return self._broker.connected()
+
+    @property
+    def follows_sessions(self) -> bool:
+        return self._broker.follows_sessions
+
+    async def follow_sessions(self, follow: bool) -> None:
+        """See ``MosquittoBroker.follow_sessions``."""
+        await self._broker.follow_sessions(follow)
 
     async def publish_crl(self, crl_pem: bytes) -> None:
         """Check the CRL only (MosquittoError INVALID_CRL / CRL_EXPIRED): the keeper installs

@@ -310,7 +310,10 @@ class MosquittoBroker:
         device_patterns: bool = False,
         batch_size: int = 200,
         batch_seconds: float = 0.03,
+        follow_sessions: bool = True,
     ) -> None:
+        """``follow_sessions=False``: the admin connection leaves the main instance's
+        connection notices unread until ``follow_sessions(True)`` (see that method)."""
         if not isinstance(run_dir, Path):
             raise TypeError(f"run_dir must be a Path, not {type(run_dir).__name__}")
         for name in ("host", "enrollment_port", "operational_port", "internal_port"):
@@ -391,6 +394,7 @@ class MosquittoBroker:
         self._on_connect = on_connect
         self._on_disconnect = on_disconnect
         self._observer = observer
+        self._follow_sessions: bool = bool(follow_sessions)
 
         self._process: MosquittoProcess | None = None
         self._enrollment_process: MosquittoProcess | None = None
@@ -416,12 +420,7 @@ class MosquittoBroker:
             password=self._admin_password,
             client_id=f"fleetgate-control-{secrets.token_hex(4)}",
             required=(dynsec.RESPONSE_TOPIC,),
-            # connection notices feed connected(); absent on an external broker without
-            # `log_dest topic`, which only makes connected() empty. The info lines only tell
-            # that a SIGHUP we sent was taken: an external broker is reloaded by its owner
-            # (the cluster's keeper), and every gateway of a cluster reading them for nothing
-            # cost each a message per line of the fleet's connections.
-            optional=(LOG_NOTICE_TOPIC,) if external else (LOG_NOTICE_TOPIC, LOG_INFO_TOPIC),
+            optional=self._admin_optional(),
             on_message=self._on_admin_message,
             on_lost=lambda: self._fail_pending("the admin connection was lost"),
         )
@@ -436,6 +435,50 @@ class MosquittoBroker:
             on_message=self._on_monitor_message,
         )
         self._started = False
+
+    def _admin_optional(self) -> tuple[str, ...]:
+        """Connection notices feed connected(); absent on an external broker without
+        `log_dest topic`, which only makes connected() empty. The info lines only tell that a
+        SIGHUP we sent was taken: an external broker is reloaded by its owner (the cluster's
+        keeper), and every gateway of a cluster reading them for nothing cost each a message
+        per line of the fleet's connections."""
+        notices = (LOG_NOTICE_TOPIC,) if self._follow_sessions else ()
+        return notices if self._external else (*notices, LOG_INFO_TOPIC)
+
+    @property
+    def follows_sessions(self) -> bool:
+        return self._follow_sessions
+
+    async def follow_sessions(self, follow: bool) -> None:
+        """Read the main instance's connection notices (``connected()``, the connect and
+        disconnect callbacks, the observer, clone judgement) or leave them unread.
+
+        Each notice of the fleet costs every reader an MQTT message: a gateway of a cluster
+        that does not lead, and so acts on none of them, leaves them unread. Turning it off
+        forgets the sessions (nothing heard meanwhile would keep them true) without telling
+        anyone they ended; turning it on starts from nothing, so a session that began before
+        is unknown until it ends or is taken over. For a takeover that means: a clone that
+        took over a session begun before is not seen as one; the device it pushed out
+        reconnects and takes the session back, and that takeover is judged."""
+        follow = bool(follow)
+        if follow == self._follow_sessions:
+            return
+        self._follow_sessions = follow
+        self._admin.optional = self._admin_optional()
+        if not follow:
+            self._tracker.clear()
+        client = self._admin.client
+        if client is None:
+            return  # the link subscribes as told when it (re)connects
+        try:
+            if follow:
+                await client.subscribe(LOG_NOTICE_TOPIC, qos=0)
+            else:
+                await client.unsubscribe(LOG_NOTICE_TOPIC)
+        except aiomqtt.MqttError as exc:
+            # the link is going down; it comes back with the subscriptions asked for now
+            log.debug("could not %s the connection notices: %s",
+                      "follow" if follow else "leave", exc)
 
     # -- BrokerControl --------------------------------------------------------------------
 
@@ -954,7 +997,8 @@ class MosquittoBroker:
             if future is not None and not future.done():
                 future.set_result(response)
         elif topic == LOG_NOTICE_TOPIC:
-            self._observe(self._main_instance(), payload.decode("utf-8", "replace"))
+            if self._follow_sessions:  # not one that was under way as they were left
+                self._observe(self._main_instance(), payload.decode("utf-8", "replace"))
         elif topic == LOG_INFO_TOPIC and payload.rstrip().endswith(_RELOAD_NOTICE.encode()):
             for waiter in self._reload_waiters:
                 if not waiter.done():

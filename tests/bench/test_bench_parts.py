@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from gateway.bench.enroll import timeline
 from gateway.bench.fleet import FleetSetup
 from gateway.bench.home import make_bench_home, set_setting
 from gateway.bench.plot import plot_runs
-from gateway.bench.procstat import ProcessSample, sample
+from gateway.bench.procstat import ProcessSample, context_switches, main_thread_cpu, sample
 from gateway.bench.report import render
 from gateway.bench.server import GatewayProcess
 from gateway.bench.stats import percentile, summarize_ms
@@ -93,6 +95,32 @@ def test_process_accounting_reads_this_process() -> None:
         sample(2**22 + 12345)
     with pytest.raises(ValueError):
         ProcessSample(0, 0.0, 0, 0)
+
+
+def test_the_main_threads_cpu_leaves_out_what_other_threads_spend() -> None:
+    def spin() -> None:
+        end = time.thread_time() + 0.3
+        while time.thread_time() < end:
+            pass
+
+    main_before, all_before = main_thread_cpu(os.getpid()), sample(os.getpid()).cpu_seconds
+    worker = threading.Thread(target=spin)
+    worker.start()
+    worker.join()
+    main_spent = main_thread_cpu(os.getpid()) - main_before
+    all_spent = sample(os.getpid()).cpu_seconds - all_before
+    assert all_spent >= 0.25 and main_spent < 0.1
+    with pytest.raises(ProcessLookupError):
+        main_thread_cpu(2**22 + 12345)
+
+
+def test_a_thread_that_sleeps_and_wakes_is_counted_as_a_switch() -> None:
+    voluntary, _ = context_switches(os.getpid())
+    for _ in range(5):
+        time.sleep(0.002)  # each sleep gives the core up and is woken again
+    assert context_switches(os.getpid())[0] >= voluntary + 5
+    with pytest.raises(ProcessLookupError):
+        context_switches(2**22 + 12345)
 
 
 def test_the_timeline_bins_onboarding_by_second() -> None:

@@ -749,6 +749,39 @@ async def test_connections_and_disconnections_are_reported(pki: Pki, tmp_path: P
         await broker.stop()
 
 
+async def test_unfollowed_connection_notices_are_not_read_nor_remembered(
+    pki: Pki, tmp_path: Path
+) -> None:
+    seen: list[tuple[str, str]] = []
+    broker = await start_broker(
+        pki,
+        tmp_path / "run",
+        on_connect=lambda who, remote: seen.append(("connected", who.name)),
+        on_disconnect=lambda who: seen.append(("disconnected", who.name)),
+    )
+    try:
+        await broker.apply("dev-f", IdentityState.ACTIVE)
+        async with device(broker, pki, "dev-f"):
+            deadline = time.monotonic() + 3
+            while "dev-f" not in broker.connected():
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            await broker.follow_sessions(False)
+            assert not broker.follows_sessions
+            assert broker.connected() == {}  # forgotten, and nobody told it ended
+        await asyncio.sleep(QUIET)
+        assert seen == [("connected", "dev-f")]  # the disconnect went unread
+        await broker.follow_sessions(True)
+        async with device(broker, pki, "dev-f"):
+            deadline = time.monotonic() + 3
+            while "dev-f" not in broker.connected():
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+        assert seen[-1] == ("connected", "dev-f")
+    finally:
+        await broker.stop()
+
+
 async def test_the_observer_sees_a_takeover_end_one_session_and_begin_another(
     pki: Pki, tmp_path: Path
 ) -> None:

@@ -145,9 +145,13 @@ def test_the_cli_measures_each_gateway_count_in_one_run(
             entry["gateway_cpu_ms_per_enrollment"]
         )
         assert entry["device_retries"] == sum(entry["devices_met"].values())
+        assert entry["gateway_wakeups_per_enrollment"] > 0  # requests wake the gateways up
         nodes = entry["per_gateway"]
         assert [n["node"] for n in nodes] == [f"gw-{i}" for i in range(1, entry["gateways"] + 1)]
         assert sum(n["leader"] for n in nodes) == 1  # one leader per round, named
+        for node in nodes:  # the event loop apart from the worker threads
+            assert node["loop_cpu_ms_per_enrollment"] > 0
+            assert node["threads_cpu_ms_per_enrollment"] >= 0
     assert rounds[0]["cpu_per_enrollment_vs_first"] == 1.0
     assert rounds[1]["cpu_per_enrollment_vs_first"] > 0
     assert all(r["speed_probe_ms"] > 0 and r["speed_adjusted_vs_first"] > 0 for r in rounds)

@@ -91,3 +91,67 @@ async def test_without_a_leader_the_operator_hears_not_enforced_yet(site: Cluste
     await eventually(lambda: gateway.cluster.is_leader, 3, "the gateway leads")
     await asyncio.wait_for(asyncio.shield(session.ended), 2.0)
     await session.close()
+
+
+def _follows(gateway: Gateway) -> bool:
+    broker = gateway.broker
+    assert broker is not None
+    return bool(broker.follows_sessions)  # type: ignore[attr-defined]
+
+
+async def test_only_the_leader_reads_connections_and_a_follower_asks_it(site: Cluster) -> None:
+    leader = await site.add("gw-1")
+    follower = await site.add("gw-2")
+    assert _follows(leader) and not _follows(follower)
+    add_admin(follower)
+    device_id, session = await site.connected_device(follower, "th-0001")
+    await eventually(lambda: device_id in leader.broker.connected(), 3, "the leader sees it")
+    assert follower.broker.connected() == {}  # reads no notices of its own
+
+    detail = await ask(follower, "get_identity", {"id": device_id})
+    assert detail["ok"] is True, detail
+    assert detail["result"]["connected"] is True  # the leader's answer
+    fleet = await ask(follower, "list_identities", {"kind": "device"})
+    assert [row["connected"] for row in fleet["result"]["identities"]] == [True]
+
+    await session.close()
+
+    async def gone() -> bool:
+        body = await ask(follower, "get_identity", {"id": device_id})
+        return body["result"]["connected"] is False
+
+    await eventually(gone, 3, "the follower reports the session ended")
+    assert follower.cluster is not None and follower.cluster.asked["answered"] >= 3
+
+
+async def test_without_a_leader_who_is_connected_is_unavailable_not_a_guess(
+    site: Cluster,
+) -> None:
+    wedged = PostgresLeaderLock(site.settings.database)
+    assert wedged.try_acquire()
+    try:
+        gateway = await site.add("gw-1")
+        add_admin(gateway)
+        device_id, session = await site.connected_device(gateway, "th-0001")
+        body = await ask(gateway, "get_identity", {"id": device_id})
+        assert body["ok"] is False
+        assert body["error"]["reason"] == "unavailable"
+        assert "no leader" in body["error"]["detail"]
+        assert gateway.cluster is not None and gateway.cluster.asked["unanswered"] == 1
+        assert attach_admin(gateway).metrics["rejected.internal"] == 0
+        await session.close()
+    finally:
+        wedged.close()
+
+
+async def test_a_new_leader_reads_connections_from_its_election_on(site: Cluster) -> None:
+    first = await site.add("gw-1")
+    second = await site.add("gw-2")
+    assert not _follows(second)
+    await first.stop()  # hands the lead over at once
+    await eventually(lambda: second.cluster.is_leader, 3, "the second gateway leads")
+    assert _follows(second)
+    device_id, session = await site.connected_device(second, "th-0002")
+    await eventually(lambda: device_id in second.broker.connected(), 3, "it sees new sessions")
+    await session.close()
+    await eventually(lambda: device_id not in second.broker.connected(), 3, "and their end")

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from gateway.acl import Principal
 from gateway.cli import app
 from gateway.cluster import (
     ENFORCED_TOPIC,
@@ -29,12 +30,22 @@ from gateway.cluster import (
     parse_announcement,
     save_shared_broker,
 )
+from gateway.cluster.sessions import (
+    SESSIONS_ASK_TOPIC,
+    SessionsAsker,
+    answer,
+    answer_topic,
+    parse_answer,
+    parse_question,
+    question,
+)
 from gateway.config import load_settings
 from gateway.home import init_home
 from gateway.service import Gateway, IdentityStates
 from gateway.store import IdentityRecord, IdentityState
 from gateway.store_memory import MemoryStore
-from gateway.transport import BrokerAddress, Route
+from gateway.transport import BrokerAddress, Outgoing, Route
+from pki.clock import SystemClock
 from pki.profile import IdentityKind
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -151,6 +162,75 @@ async def test_announcements_only_move_forward_and_garbage_is_ignored() -> None:
     assert await watch.wait(11, timeout=0.05) is False
 
 
+# -- who is connected, asked of the leader ----------------------------------------------------
+
+
+def test_a_question_and_its_answer_round_trip() -> None:
+    ask = question("gw-2", "q1")
+    assert ask.topic == SESSIONS_ASK_TOPIC and ask.qos == 1 and not ask.retain
+    assert parse_question(ask.payload) == ("gw-2", "q1")
+    sessions = {"th-0001": Principal("device", "th-0001", "operational")}
+    reply = answer("gw-2", "q1", sessions)
+    assert reply.topic == answer_topic("gw-2")
+    assert parse_answer(reply.payload) == ("q1", sessions)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"[]", b"{}", b'{"from": "gw/2", "id": "q"}', b'{"from": "gw-2"}',
+     b'{"from": "gw-2", "id": ""}', b'{"from": 7, "id": "q"}', b"x" * 1000],
+)
+def test_a_malformed_question_is_refused(payload: bytes) -> None:
+    with pytest.raises(ValueError):
+        parse_question(payload)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"{}", b'{"id": "q", "sessions": {}}', b'{"id": "q", "sessions": [["a"]]}',
+     b'{"id": "q", "sessions": [["a", "robot", "a", "operational"]]}',
+     b'{"id": "q", "sessions": [["a", "device", "no spaces", "operational"]]}',
+     b'{"sessions": []}'],
+)
+def test_a_malformed_answer_is_refused(payload: bytes) -> None:
+    with pytest.raises(ValueError):
+        parse_answer(payload)
+
+
+async def test_the_asker_takes_its_answer_and_counts_what_else_comes() -> None:
+    asker = SessionsAsker("gw-2", timeout=2)
+    asked: list[bytes] = []
+
+    async def publish(message: Outgoing) -> None:
+        asked.append(message.payload)
+
+    waiting = asyncio.create_task(asker.ask(publish))
+    await asyncio.sleep(0.01)
+    _, ask_id = parse_question(asked[0])
+    sessions = {"th-1": Principal("device", "th-1", "operational")}
+    asker.handle_answer(asker.topic, b"garbage")
+    asker.handle_answer(asker.topic, answer("gw-2", "someone-elses", {}).payload)
+    assert not waiting.done()
+    asker.handle_answer(asker.topic, answer("gw-2", ask_id, sessions).payload)
+    assert await waiting == sessions
+    asker.handle_answer(asker.topic, answer("gw-2", ask_id, sessions).payload)  # too late
+    assert asker.metrics == {"asked": 1, "answered": 1, "bad_answer": 1, "late_answer": 2}
+
+
+async def test_no_answer_in_time_means_no_leader() -> None:
+    asker = SessionsAsker("gw-2", timeout=0.05)
+
+    async def nobody_listens(message: Outgoing) -> None:
+        pass
+
+    with pytest.raises(ClusterError) as caught:
+        await asker.ask(nobody_listens)
+    assert caught.value.reason is ClusterReason.NO_LEADER
+    assert asker.metrics["unanswered"] == 1
+    with pytest.raises(ValueError):
+        SessionsAsker("gw-2", timeout=0)
+
+
 # -- shared subscriptions ----------------------------------------------------------------------
 
 
@@ -257,3 +337,36 @@ def test_run_refuses_a_cluster_it_cannot_be_part_of(
     result = CliRunner().invoke(app, ["run", "--home", str(tmp_path), *args])
     assert result.exit_code == 1, result.output
     assert message in " ".join(result.output.split())
+
+
+async def test_the_leader_alone_answers_and_drops_a_malformed_question(tmp_path: Path) -> None:
+    init_home(tmp_path)
+    settings = load_settings(tmp_path)
+    locks = MemoryLocks()
+
+    async def nothing() -> None:
+        pass
+
+    members = []
+    for node in ("gw-1", "gw-2"):
+        member = ClusterMember(settings, node=node, lock=locks.session(), shared=shared())
+        control = member.broker(clock=SystemClock(), on_clone=None)
+        assert not control.follows_sessions  # until elected
+        await member.start(on_elected=nothing, on_deposed=nothing)
+        members.append((member, control))
+    try:
+        (leader, leader_control), (follower, follower_control) = members
+        assert leader.is_leader and leader_control.follows_sessions
+        assert not follower.is_leader and not follower_control.follows_sessions
+        [route] = [r for r in leader.routes() if r.topic_filter == SESSIONS_ASK_TOPIC]
+        ask = question("gw-2", "q1")
+        [reply] = route.handler(ask.topic, ask.payload)
+        assert reply.topic == answer_topic("gw-2")
+        assert parse_answer(reply.payload) == ("q1", {})
+        assert route.handler(ask.topic, b"{not json") == []
+        assert leader.metrics["bad_question"] == 1
+        [follower_route] = [r for r in follower.routes() if r.topic_filter == SESSIONS_ASK_TOPIC]
+        assert follower_route.handler(ask.topic, ask.payload) == []  # not the leader's job
+    finally:
+        for member, _ in members:
+            await member.stop()
