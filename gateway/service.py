@@ -375,8 +375,9 @@ class Gateway:
 
     def _connected(self, principal: Principal, remote: str) -> None:
         if not self._leads:
-            # Every gateway of a cluster hears every connection notice: the leader alone
-            # tells operators and records last-seen (once, not once per gateway).
+            # In a cluster the leader alone reads connection notices and tells operators and
+            # records last-seen (once, not once per gateway); a gateway still hears what was
+            # under way when it stepped down.
             return
         self.emit("connected", principal.name, kind=principal.kind, remote=remote,
                   listener=principal.listener)

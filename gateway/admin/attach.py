@@ -128,7 +128,8 @@ def attach_admin(gateway: Gateway) -> AdminService:
         audit_key = None
     telemetry = TelemetryCounter(gateway.clock)
     def heard() -> bool:
-        # the embedded broker knows its subscriptions; for Mosquitto, assume a listener
+        # the embedded broker knows its subscriptions; Mosquitto's notices tell whether an
+        # operator, the only kind allowed to read events, is connected
         audience = getattr(gateway.broker, "has_audience", None)
         return True if audience is None else bool(audience(EVENTS_TOPIC))
 

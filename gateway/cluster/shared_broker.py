@@ -264,6 +264,10 @@ class SharedBrokerControl:
         """Empty while the connection notices are not followed."""
         return self._broker.connected()
 
+    def has_audience(self, topic: str) -> bool:
+        """See ``MosquittoBroker.has_audience`` (True while the notices are not followed)."""
+        return self._broker.has_audience(topic)
+
     @property
     def follows_sessions(self) -> bool:
         return self._broker.follows_sessions

@@ -114,6 +114,7 @@ from gateway.mosquitto.process import (
 )
 from gateway.mosquitto.sessions import Connected, Session, SessionTracker
 from gateway.observe import Observation, Observer
+from gateway.protocol import topics
 from gateway.store import IdentityState
 from pki.clock import Clock, SystemClock
 from pki.profile import IdentityKind, is_identity_name
@@ -230,6 +231,7 @@ def _address_host(address: str) -> str:
 # Sessions the observer hears of: a certificate's identity on the operational listener, not an
 # enrollee (no identity yet) nor the gateway's own clients.
 _CERTIFICATE_KINDS: frozenset[str] = frozenset({"device", "operator", "service"})
+_ADMIN_TOPICS = f"{topics.PREFIX}/admin/"  # operators' alone (``gateway.acl``)
 
 _PRINCIPAL_KIND: dict[IdentityKind, PrincipalKind] = {
     IdentityKind.DEVICE: "device",
@@ -401,6 +403,7 @@ class MosquittoBroker:
         self._pending: dict[str, asyncio.Future[dynsec.Response]] = {}
         self._reload_waiters: list[asyncio.Future[None]] = []
         self._tracker = SessionTracker()
+        self._operators: set[str] = set()  # client ids of the operators' live sessions
         self._enrollment_tracker = SessionTracker()
         self._bridges_ready = asyncio.Event()
         self._enforced: dict[str, dynsec.Enforcement] = {}
@@ -467,6 +470,7 @@ class MosquittoBroker:
         self._admin.optional = self._admin_optional()
         if not follow:
             self._tracker.clear()
+            self._operators.clear()
         client = self._admin.client
         if client is None:
             return  # the link subscribes as told when it (re)connects
@@ -649,6 +653,15 @@ class MosquittoBroker:
                     result.setdefault(client_id, principal)
         return result
 
+    def has_audience(self, topic: str) -> bool:
+        """Whether a message on ``topic`` now would reach anyone, as far as the connection
+        notices tell. Mosquitto does not say who subscribed to what; but only operators may
+        read the admin topics (``gateway.acl``), so an admin event with no operator connected
+        reaches nobody. Any other topic, or notices not followed: True (nobody can tell)."""
+        if not self._follow_sessions or not topic.startswith(_ADMIN_TOPICS):
+            return True
+        return bool(self._operators)
+
     # -- who is who ------------------------------------------------------------------------
 
     def _main_instance(self) -> _Instance:
@@ -717,6 +730,11 @@ class MosquittoBroker:
         principal = self._principal(instance, session)
         if principal is None:
             return
+        if principal.kind == "operator" and instance.name == "main":
+            if connected:
+                self._operators.add(session.client_id)
+            else:
+                self._operators.discard(session.client_id)
         try:
             if connected and self._on_connect is not None:
                 self._on_connect(principal, session.address)

@@ -782,6 +782,34 @@ async def test_unfollowed_connection_notices_are_not_read_nor_remembered(
         await broker.stop()
 
 
+async def test_admin_events_have_an_audience_only_while_an_operator_is_connected(
+    broker: MosquittoBroker, pki: Pki
+) -> None:
+    events = f"{topics.PREFIX}/admin/events"
+
+    async def audience(expected: bool) -> None:
+        deadline = time.monotonic() + 3
+        while broker.has_audience(events) is not expected:
+            assert time.monotonic() < deadline, f"audience {expected}"
+            await asyncio.sleep(0.02)
+
+    assert broker.has_audience(topics.telemetry("dev-a"))  # not an operator's topic: unknown
+    await audience(False)
+    await broker.apply("dev-aud", IdentityState.ACTIVE)
+    await broker.apply("ops-aud", IdentityState.ACTIVE, kind=IdentityKind.OPERATOR)
+    async with device(broker, pki, "dev-aud"):
+        await asyncio.sleep(QUIET)
+        assert not broker.has_audience(events)  # a device may not read them
+        async with device(broker, pki, "ops-aud"):
+            await audience(True)
+        await audience(False)
+    await broker.follow_sessions(False)
+    try:
+        assert broker.has_audience(events)  # not following: nobody can tell
+    finally:
+        await broker.follow_sessions(True)
+
+
 async def test_the_observer_sees_a_takeover_end_one_session_and_begin_another(
     pki: Pki, tmp_path: Path
 ) -> None:
