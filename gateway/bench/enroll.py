@@ -15,9 +15,11 @@ One run, in order:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from gateway.bench.fleet import BenchFleet, FleetSetup, cores
@@ -131,6 +133,35 @@ async def _floor(fleet: BenchFleet, options: EnrollBenchOptions) -> Floor:
     return Floor(enrollment, enroll_hs, operational_hs)
 
 
+# The fleet's load has settled this long after it starts; the floor's enrollment is measured
+# again then, in the same conditions as the gateway (the same two cores, as busy).
+_LOADED_AFTER_SECONDS = 3.0
+_LOADED_SAMPLES = 100
+
+
+async def _enrollment_under_load(folder: Path, samples: int) -> tuple[float, float]:
+    """The floor's in-process enrollment measured while the fleet onboards; with the moment
+    the measurement ended (monotonic), to tell whether the fleet was still running."""
+    await asyncio.sleep(_LOADED_AFTER_SECONDS)
+    loop = asyncio.get_running_loop()
+    cost = await loop.run_in_executor(None, enrollment_cpu_ms, samples, folder)
+    return cost, time.monotonic()
+
+
+async def _measured_in_time(
+    measuring: asyncio.Task[tuple[float, float]], end: float
+) -> float | None:
+    """The figure if it was measured while the fleet still ran; None otherwise (a small
+    fleet done first: a figure from an unloaded machine would mislead)."""
+    if not measuring.done():
+        measuring.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await measuring
+        return None
+    cost, measured_at = measuring.result()
+    return cost if measured_at <= end else None
+
+
 async def run_enroll_bench(options: EnrollBenchOptions) -> dict[str, Any]:
     setup = options.setup
     started_at = dt.datetime.now(dt.UTC)
@@ -141,8 +172,14 @@ async def run_enroll_bench(options: EnrollBenchOptions) -> dict[str, Any]:
         swarms = await fleet.launch(ids, workers=setup.workers, concurrency=setup.concurrency)
         before = fleet.usage_by_process()
         go = fleet.go(swarms)
+        loaded = asyncio.create_task(
+            _enrollment_under_load(
+                fleet.folder / "floor-loaded", min(_LOADED_SAMPLES, options.floor_samples)
+            )
+        )
         end = await fleet.wait_operational(ids, options.timeout, progress=options.progress)
         after = fleet.usage_by_process()
+        floor = floor.under_load(await _measured_in_time(loaded, end))
         await asyncio.sleep(_SETTLE_SECONDS)
         settled = fleet.usage_by_process()
         metrics = await fleet.gateway.metrics()
@@ -214,6 +251,11 @@ def _result(
         },
         **floor.as_dict(),
         "cpu_vs_floor": round(server_ms / floor.per_device_ms, 2) if server_ms else None,
+        "cpu_vs_floor_under_load": (
+            round(server_ms / floor.loaded_per_device_ms, 2)
+            if server_ms and floor.loaded_per_device_ms
+            else None
+        ),
         "ceiling_per_s": round(cores() * 1000 / floor.per_device_ms, 1),
         "peak_rss_kb": usage.peak_rss_kb,
         "rss_kb_per_device": round(rss_growth_kb / count, 1) if count else None,

@@ -25,6 +25,8 @@ FIGURES: dict[str, tuple[tuple[str, str, str], ...]] = {
         ("floor_handshake_operational_ms", "floor: operational mTLS handshake", "ms"),
         ("floor_cpu_ms_per_device", "floor per device", "ms"),
         ("cpu_vs_floor", "server CPU / floor", "x"),
+        ("floor_enroll_cpu_ms_under_load", "floor's enrollment, measured under the fleet", "ms"),
+        ("cpu_vs_floor_under_load", "server CPU / floor with that enrollment", "x"),
         ("ceiling_per_s", "ceiling (all cores at the floor)", "/s"),
         ("peak_rss_kb", "peak RSS (gateway + broker)", "kB"),
         ("rss_kb_per_device", "RSS per connected device", "kB"),

@@ -14,8 +14,9 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from gateway.bench.enroll import timeline
+from gateway.bench.enroll import _measured_in_time, timeline
 from gateway.bench.fleet import FleetSetup
+from gateway.bench.floor import Floor
 from gateway.bench.home import make_bench_home, set_setting
 from gateway.bench.plot import plot_runs
 from gateway.bench.procstat import ProcessSample, context_switches, main_thread_cpu, sample
@@ -192,3 +193,27 @@ async def test_the_fair_queue_serves_devices_in_turn() -> None:
 def test_a_fair_queue_needs_a_positive_bound(bound: object) -> None:
     with pytest.raises(ValueError):
         FairQueue(per_key=bound)  # type: ignore[arg-type]
+
+
+def test_the_floor_under_load_replaces_only_its_enrollment() -> None:
+    floor = Floor(2.5, 0.7, 1.8)
+    assert floor.loaded_per_device_ms is None
+    assert floor.as_dict()["floor_cpu_ms_per_device_under_load"] is None
+    loaded = floor.under_load(3.5)
+    assert loaded.per_device_ms == pytest.approx(5.0)  # the idle floor stays as it was
+    assert loaded.loaded_per_device_ms == pytest.approx(6.0)
+    assert loaded.as_dict()["floor_enroll_cpu_ms_under_load"] == 3.5
+
+
+async def test_a_figure_measured_after_the_fleet_ended_is_not_reported_as_loaded() -> None:
+    async def measured(at: float) -> tuple[float, float]:
+        return 3.0, at
+
+    early = asyncio.create_task(measured(10.0))
+    late = asyncio.create_task(measured(30.0))
+    await asyncio.sleep(0)
+    assert await _measured_in_time(early, end=20.0) == 3.0
+    assert await _measured_in_time(late, end=20.0) is None
+    still_running = asyncio.create_task(asyncio.sleep(10, result=(3.0, 0.0)))
+    assert await _measured_in_time(still_running, end=20.0) is None
+    assert still_running.cancelled()
