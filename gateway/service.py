@@ -506,6 +506,10 @@ class Gateway:
             self.watch.observe(observation)
         return []
 
+    def _device_publish_filters(self) -> tuple[str, ...]:
+        watching = self.watch.enabled and self.broker_kind == "mosquitto"
+        return DEVICE_PUBLISH_FILTERS if watching else ()
+
     def _enrollment_routes(self) -> list[Route]:
         """The enrollment core's two routes, and what the watch needs besides: requests on
         the enrollment listener always pass by it; on Mosquitto renewals and device messages
@@ -521,8 +525,10 @@ class Gateway:
                 shared=True,
             ),
             *(
-                Route(topic_filter, self._device_published, inline=True)
-                for topic_filter in (DEVICE_PUBLISH_FILTERS if watching and mosquitto else ())
+                # in a cluster the leader's watch alone keeps them (``_take_lead``)
+                Route(topic_filter, self._device_published, inline=True,
+                      standby=self.cluster is not None)
+                for topic_filter in self._device_publish_filters()
             ),
         ]
 
@@ -637,6 +643,8 @@ class Gateway:
         unsure = await loop.run_in_executor(None, self._unsure_since, self.cluster.watch.seq)
         await self.broker.sync(unsure)
         await self._refresh_crl()
+        for topic_filter in self._device_publish_filters():
+            await self.transport.activate(topic_filter, True)
         self._audit_seq = seq
         await self.cluster.announce(self.transport, seq)
         log.info("leading the cluster as %s (audit head %d)", self.cluster.node, seq)
@@ -657,6 +665,9 @@ class Gateway:
     async def _step_down(self) -> None:
         assert self.cluster is not None
         await self.cluster.step_down(self.transport)
+        if self.transport is not None:
+            for topic_filter in self._device_publish_filters():
+                await self.transport.activate(topic_filter, False)
 
     async def _refresh_crl_if_leading(self) -> None:
         if self._leads:

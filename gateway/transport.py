@@ -75,12 +75,15 @@ class Route:
     thread (they do crypto and database work); ``inline`` handlers run on the event loop
     instead and must be quick (counting, forwarding). A ``shared`` route is subscribed as
     ``$share/<group>/<filter>`` when the address names a share group: the broker then hands
-    each message to one gateway of the group instead of to every gateway."""
+    each message to one gateway of the group instead of to every gateway. A ``standby`` route
+    is subscribed only while ``MqttTransport.activate`` says so (a duty of a cluster's leader
+    alone: every other gateway would receive each of those messages for nothing)."""
 
     topic_filter: str
     handler: Handler
     inline: bool = False
     shared: bool = False
+    standby: bool = False
 
 
 @dataclass(frozen=True)
@@ -177,7 +180,8 @@ class MqttTransport:
     answered after the device retries (the protocol makes retries safe).
 
     ``stats`` counts ``queued``, ``dropped`` (a device over its queue bound), ``published`` and
-    ``publish_errors``; ``handled`` and ``handler_errors`` count handler calls.
+    ``publish_errors``; ``handled`` and ``handler_errors`` count handler calls; ``received``
+    the messages taken, by the filter of their route.
     """
 
     def __init__(
@@ -207,11 +211,13 @@ class MqttTransport:
         self._serving: asyncio.Task[None] | None = None
         self._replies: set[asyncio.Task[None]] = set()
         self._ready = asyncio.Event()
+        self._active: set[str] = set()  # standby routes' filters now subscribed
         self.connections = 0  # successful connects to the broker, reconnects included
         self._retained: dict[str, bytes] = {}
         self.handled = 0
         self.handler_errors = 0
         self.stats: Counter[str] = Counter()
+        self.received: Counter[str] = Counter()  # messages taken, by route filter
 
     async def start(self, timeout: float = 10.0) -> None:
         self._task = asyncio.create_task(self._run(), name="mqtt-transport")
@@ -232,6 +238,36 @@ class MqttTransport:
         """Stop re-sending the retained message on ``topic`` after a reconnect (it may be
         someone else's to publish now)."""
         self._retained.pop(topic, None)
+
+    def _subscribed(self, route: Route) -> bool:
+        return not route.standby or route.topic_filter in self._active
+
+    async def activate(self, topic_filter: str, active: bool) -> None:
+        """Subscribe the standby route of ``topic_filter`` (``active``), or leave it. Kept
+        across reconnects; a failure here is mended by the reconnect that follows it."""
+        route = next(
+            (r for r in self._routes if r.standby and r.topic_filter == topic_filter), None
+        )
+        if route is None:
+            raise ValueError(f"no standby route for {topic_filter!r}")
+        if active == (topic_filter in self._active):
+            return
+        if active:
+            self._active.add(topic_filter)
+        else:
+            self._active.discard(topic_filter)
+        client = self._client
+        if client is None or not self._ready.is_set():
+            return
+        subscription = self._address.subscription(route)
+        try:
+            if active:
+                await client.subscribe(subscription, qos=1)
+            else:
+                await client.unsubscribe(subscription)
+        except aiomqtt.MqttError as exc:
+            log.info("%s %s on the next connection (%s)",
+                     "subscribing" if active else "leaving", topic_filter, exc)
 
     async def publish(self, message: Message) -> None:
         """Publish now if connected; retained messages are also re-sent after a reconnect, so
@@ -274,7 +310,8 @@ class MqttTransport:
                     client.timeout = OPERATION_TIMEOUT_SECONDS  # connected: see above
                     _nodelay(client)
                     for route in self._routes:
-                        await client.subscribe(self._address.subscription(route), qos=1)
+                        if self._subscribed(route):
+                            await client.subscribe(self._address.subscription(route), qos=1)
                     self._client = client
                     for topic, payload in self._retained.items():
                         await client.publish(topic, payload, qos=1, retain=True)
@@ -294,8 +331,9 @@ class MqttTransport:
 
     def _accept(self, topic: str, payload: bytes) -> None:
         route = next((r for r in self._routes if topic_matches(r.topic_filter, topic)), None)
-        if route is None:
-            return
+        if route is None or not self._subscribed(route):
+            return  # nothing of ours, or a message under way as a standby route was left
+        self.received[route.topic_filter] += 1
         if route.inline:
             self._answer_inline(route, topic, payload)
             return

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aiomqtt
 import pytest
 
 from gateway.mosquitto.process import find_mosquitto
@@ -108,3 +109,34 @@ async def test_a_connection_dropped_before_its_acknowledgement_is_made_again(
 def test_the_connect_timeout_must_be_positive() -> None:
     with pytest.raises(ValueError):
         MqttTransport(BrokerAddress("127.0.0.1", 1), [], connect_timeout=0)
+
+
+async def test_a_standby_route_receives_only_while_active(broker_port: int) -> None:
+    taken: list[str] = []
+
+    def take(topic: str, payload: bytes) -> list[object]:
+        taken.append(payload.decode())
+        return []
+
+    transport = MqttTransport(
+        BrokerAddress("127.0.0.1", broker_port, client_id="gw-standby"),
+        [Route("fg/v1/dev/+/telemetry", take, inline=True, standby=True)],
+    )
+    await transport.start(timeout=5)
+    try:
+        async with aiomqtt.Client("127.0.0.1", broker_port, identifier="dev-1") as device:
+
+            async def send(text: str) -> None:
+                await device.publish("fg/v1/dev/dev-1/telemetry", text.encode(), qos=1)
+                await asyncio.sleep(0.2)
+
+            await send("before")
+            await transport.activate("fg/v1/dev/+/telemetry", True)
+            await send("while active")
+            await transport.activate("fg/v1/dev/+/telemetry", False)
+            await send("after")
+        assert taken == ["while active"]
+        with pytest.raises(ValueError):
+            await transport.activate("fg/v1/other/#", True)  # no such standby route
+    finally:
+        await transport.stop()

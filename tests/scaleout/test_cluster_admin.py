@@ -155,3 +155,29 @@ async def test_a_new_leader_reads_connections_from_its_election_on(site: Cluster
     await eventually(lambda: device_id in second.broker.connected(), 3, "it sees new sessions")
     await session.close()
     await eventually(lambda: device_id not in second.broker.connected(), 3, "and their end")
+
+
+async def test_only_the_leader_receives_the_fleets_messages(site: Cluster) -> None:
+    first = await site.add("gw-1")
+    second = await site.add("gw-2")
+    assert first.transport is not None and second.transport is not None
+    device_id, session = await site.connected_device(first, "th-0003")
+    telemetry = "fg/v1/dev/+/telemetry"
+
+    async def publish(count: int) -> None:
+        for n in range(count):
+            await session.client.publish(f"fg/v1/dev/{device_id}/telemetry", b"%d" % n, qos=1)
+
+    await publish(5)
+    await eventually(
+        lambda: first.transport.received[telemetry] == 5, 3, "the leader takes each message"
+    )
+    await asyncio.sleep(0.3)
+    assert second.transport.received[telemetry] == 0  # a follower is not sent them at all
+    await first.stop()  # the lead passes to the second gateway, and the messages with it
+    await eventually(lambda: second.cluster.is_leader, 3, "the second gateway leads")
+    await publish(3)
+    await eventually(
+        lambda: second.transport.received[telemetry] == 3, 3, "the new leader takes them"
+    )
+    await session.close()
