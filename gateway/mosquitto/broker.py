@@ -314,8 +314,9 @@ class MosquittoBroker:
         batch_seconds: float = 0.03,
         follow_sessions: bool = True,
     ) -> None:
-        """``follow_sessions=False``: the admin connection leaves the main instance's
-        connection notices unread until ``follow_sessions(True)`` (see that method)."""
+        """``follow_sessions=False`` (an external broker only): the admin connection leaves the
+        main instance's connection notices unread until ``follow_sessions(True)`` (see that
+        method)."""
         if not isinstance(run_dir, Path):
             raise TypeError(f"run_dir must be a Path, not {type(run_dir).__name__}")
         for name in ("host", "enrollment_port", "operational_port", "internal_port"):
@@ -347,6 +348,8 @@ class MosquittoBroker:
             raise TypeError("batch_seconds must be a number")
         if batch_seconds <= 0:
             raise ValueError("batch_seconds must be positive")
+        if not follow_sessions and not external:
+            raise ValueError("a broker we start is followed: its bridges are seen in its notices")
         for name, callback in (
             ("on_clone", on_clone),
             ("on_connect", on_connect),
@@ -464,6 +467,8 @@ class MosquittoBroker:
         took over a session begun before is not seen as one; the device it pushed out
         reconnects and takes the session back, and that takeover is judged."""
         follow = bool(follow)
+        if not follow and not self._external:
+            raise ValueError("a broker we start is followed: its bridges are seen in its notices")
         if follow == self._follow_sessions:
             return
         self._follow_sessions = follow

@@ -752,34 +752,44 @@ async def test_connections_and_disconnections_are_reported(pki: Pki, tmp_path: P
 async def test_unfollowed_connection_notices_are_not_read_nor_remembered(
     pki: Pki, tmp_path: Path
 ) -> None:
+    """A cluster's follower: the shared broker seen as external, notices left unread."""
     seen: list[tuple[str, str]] = []
-    broker = await start_broker(
-        pki,
-        tmp_path / "run",
+    managed = await start_broker(pki, tmp_path / "run", admin_password=ADMIN_PASSWORD)
+    follower = external_to(
+        managed,
+        tmp_path,
         on_connect=lambda who, remote: seen.append(("connected", who.name)),
         on_disconnect=lambda who: seen.append(("disconnected", who.name)),
+        follow_sessions=False,
     )
+    events = f"{topics.PREFIX}/admin/events"
+
+    async def tracked(client_id: str) -> None:
+        deadline = time.monotonic() + 3
+        while client_id not in follower.connected():
+            assert time.monotonic() < deadline, f"{client_id} tracked"
+            await asyncio.sleep(0.02)
+
     try:
-        await broker.apply("dev-f", IdentityState.ACTIVE)
-        async with device(broker, pki, "dev-f"):
-            deadline = time.monotonic() + 3
-            while "dev-f" not in broker.connected():
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.02)
-            await broker.follow_sessions(False)
-            assert not broker.follows_sessions
-            assert broker.connected() == {}  # forgotten, and nobody told it ended
+        await follower.start()
+        assert not follower.follows_sessions
+        assert follower.has_audience(events)  # not following: nobody can tell
+        await managed.apply("dev-f", IdentityState.ACTIVE)
+        async with device(managed, pki, "dev-f"):
+            await asyncio.sleep(QUIET)
+            assert follower.connected() == {} and seen == []  # nothing read
+            await follower.follow_sessions(True)
+        async with device(managed, pki, "dev-f"):
+            await tracked("dev-f")  # followed from then on
+            await follower.follow_sessions(False)
+            assert follower.connected() == {}  # forgotten, and nobody told it ended
         await asyncio.sleep(QUIET)
         assert seen == [("connected", "dev-f")]  # the disconnect went unread
-        await broker.follow_sessions(True)
-        async with device(broker, pki, "dev-f"):
-            deadline = time.monotonic() + 3
-            while "dev-f" not in broker.connected():
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.02)
-        assert seen[-1] == ("connected", "dev-f")
     finally:
-        await broker.stop()
+        await follower.stop()
+        await managed.stop()
+    with pytest.raises(ValueError, match="bridges"):
+        await managed.follow_sessions(False)  # a managed broker's bridges need its notices
 
 
 async def test_admin_events_have_an_audience_only_while_an_operator_is_connected(
@@ -803,11 +813,6 @@ async def test_admin_events_have_an_audience_only_while_an_operator_is_connected
         async with device(broker, pki, "ops-aud"):
             await audience(True)
         await audience(False)
-    await broker.follow_sessions(False)
-    try:
-        assert broker.has_audience(events)  # not following: nobody can tell
-    finally:
-        await broker.follow_sessions(True)
 
 
 async def test_the_observer_sees_a_takeover_end_one_session_and_begin_another(
