@@ -460,6 +460,8 @@ class Gateway:
             return self.cluster.broker(
                 clock=self.clock,
                 on_clone=self._clone_seen,
+                on_connect=self._connected,
+                on_disconnect=self._disconnected,
                 observer=observer,
             )
         if self.broker_kind == "mosquitto":

@@ -181,7 +181,7 @@ class MqttTransport:
 
     ``stats`` counts ``queued``, ``dropped`` (a device over its queue bound), ``published`` and
     ``publish_errors``; ``handled`` and ``handler_errors`` count handler calls; ``received``
-    the messages taken, by the filter of their route.
+    the messages the broker sent, by the filter of the routes they match (taken or not).
     """
 
     def __init__(
@@ -217,7 +217,7 @@ class MqttTransport:
         self.handled = 0
         self.handler_errors = 0
         self.stats: Counter[str] = Counter()
-        self.received: Counter[str] = Counter()  # messages taken, by route filter
+        self.received: Counter[str] = Counter()  # messages the broker sent, by route filter
 
     async def start(self, timeout: float = 10.0) -> None:
         self._task = asyncio.create_task(self._run(), name="mqtt-transport")
@@ -242,13 +242,35 @@ class MqttTransport:
     def _subscribed(self, route: Route) -> bool:
         return not route.standby or route.topic_filter in self._active
 
+    def _standby_route(self, topic_filter: str) -> Route | None:
+        return next(
+            (r for r in self._routes if r.standby and r.topic_filter == topic_filter), None
+        )
+
+    def _always_on(self, topic_filter: str) -> bool:
+        """Whether a route that is no standby one subscribes ``topic_filter`` anyway."""
+        return any(not r.standby and r.topic_filter == topic_filter for r in self._routes)
+
+    async def _follow_active(self, client: aiomqtt.Client, subscribed: set[str]) -> None:
+        for topic_filter in self._active - subscribed:
+            await self._switch(client, topic_filter, True)
+        for topic_filter in subscribed - self._active:
+            await self._switch(client, topic_filter, False)
+
+    async def _switch(self, client: aiomqtt.Client, topic_filter: str, active: bool) -> None:
+        route = self._standby_route(topic_filter)
+        if route is None or self._always_on(topic_filter):
+            return  # subscribed for another route all along: nothing to change
+        subscription = self._address.subscription(route)
+        if active:
+            await client.subscribe(subscription, qos=1)
+        else:
+            await client.unsubscribe(subscription)
+
     async def activate(self, topic_filter: str, active: bool) -> None:
         """Subscribe the standby route of ``topic_filter`` (``active``), or leave it. Kept
         across reconnects; a failure here is mended by the reconnect that follows it."""
-        route = next(
-            (r for r in self._routes if r.standby and r.topic_filter == topic_filter), None
-        )
-        if route is None:
+        if self._standby_route(topic_filter) is None:
             raise ValueError(f"no standby route for {topic_filter!r}")
         if active == (topic_filter in self._active):
             return
@@ -258,13 +280,9 @@ class MqttTransport:
             self._active.discard(topic_filter)
         client = self._client
         if client is None or not self._ready.is_set():
-            return
-        subscription = self._address.subscription(route)
+            return  # the connection being set up follows _active once ready
         try:
-            if active:
-                await client.subscribe(subscription, qos=1)
-            else:
-                await client.unsubscribe(subscription)
+            await self._switch(client, topic_filter, active)
         except aiomqtt.MqttError as exc:
             log.info("%s %s on the next connection (%s)",
                      "subscribing" if active else "leaving", topic_filter, exc)
@@ -309,8 +327,9 @@ class MqttTransport:
                 ) as client:
                     client.timeout = OPERATION_TIMEOUT_SECONDS  # connected: see above
                     _nodelay(client)
+                    subscribed = set(self._active)
                     for route in self._routes:
-                        if self._subscribed(route):
+                        if not route.standby or route.topic_filter in subscribed:
                             await client.subscribe(self._address.subscription(route), qos=1)
                     self._client = client
                     for topic, payload in self._retained.items():
@@ -318,6 +337,8 @@ class MqttTransport:
                     self._ready.set()
                     self.connections += 1
                     backoff = 0.2
+                    # activate() calls made while this connection was being set up
+                    await self._follow_active(client, subscribed)
                     async for message in client.messages:
                         payload = message.payload
                         if isinstance(payload, bytes | bytearray):
@@ -330,17 +351,24 @@ class MqttTransport:
                 backoff = min(backoff * 2, self._max_backoff)
 
     def _accept(self, topic: str, payload: bytes) -> None:
-        route = next((r for r in self._routes if topic_matches(r.topic_filter, topic)), None)
-        if route is None or not self._subscribed(route):
-            return  # nothing of ours, or a message under way as a standby route was left
-        self.received[route.topic_filter] += 1
-        if route.inline:
-            self._answer_inline(route, topic, payload)
-            return
-        if self._queue.put(device_of(topic) or topic, _Request(route, topic, payload)):
-            self.stats["queued"] += 1
-        else:
-            self.stats["dropped"] += 1
+        """Hand the message to every route that takes it (two routes may share a filter: the
+        behaviour watch and the admin API's telemetry counter); a standby route left a moment
+        ago takes nothing more."""
+        counted: set[str] = set()
+        for route in self._routes:
+            if not topic_matches(route.topic_filter, topic):
+                continue
+            if route.topic_filter not in counted:  # what the broker sent, by filter
+                counted.add(route.topic_filter)
+                self.received[route.topic_filter] += 1
+            if not self._subscribed(route):
+                continue
+            if route.inline:
+                self._answer_inline(route, topic, payload)
+            elif self._queue.put(device_of(topic) or topic, _Request(route, topic, payload)):
+                self.stats["queued"] += 1
+            else:
+                self.stats["dropped"] += 1
 
     async def _serve(self) -> None:
         """Take requests in their fair order, one at a time through the worker thread."""

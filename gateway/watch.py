@@ -57,10 +57,11 @@ class BehaviourWatch:
         *,
         leading: Callable[[], bool] = lambda: True,
     ) -> None:
-        """``leading``: whether this gateway leads its cluster. The fleet's messages reach
-        every gateway of a cluster, its connections only the leader (the one reading the
-        broker's notices); the leader's watch alone learns and acts (a new leader learns
-        afresh, as after a restart), so the work is done once, not once per gateway."""
+        """``leading``: whether this gateway leads its cluster. The fleet's telemetry reaches
+        every gateway of a cluster, its connections, state and quarantine messages only the
+        leader (``Gateway._take_lead``); the leader's watch alone learns and acts (a new
+        leader learns afresh, as after a restart), so the work is done once, not once per
+        gateway."""
         self._gateway = gateway
         self._leading = leading
         self.engine = AnomalyEngine(gateway.clock, settings, self._context)

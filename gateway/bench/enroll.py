@@ -177,7 +177,11 @@ async def run_enroll_bench(options: EnrollBenchOptions) -> dict[str, Any]:
                 fleet.folder / "floor-loaded", min(_LOADED_SAMPLES, options.floor_samples)
             )
         )
-        end = await fleet.wait_operational(ids, options.timeout, progress=options.progress)
+        try:
+            end = await fleet.wait_operational(ids, options.timeout, progress=options.progress)
+        except BaseException:
+            loaded.cancel()
+            raise
         after = fleet.usage_by_process()
         floor = floor.under_load(await _measured_in_time(loaded, end))
         await asyncio.sleep(_SETTLE_SECONDS)

@@ -96,6 +96,8 @@ class ClusterMember:
         clock: Clock,
         on_clone: Callable[[Principal, str, str], None] | None,
         observer: Observer | None = None,
+        on_connect: Callable[[Principal, str], None] | None = None,
+        on_disconnect: Callable[[Principal], None] | None = None,
     ) -> SharedBrokerControl:
         """This gateway's control of the shared broker. Its admin connection follows the
         broker's connection notices only while this gateway leads (see ``connected``); only
@@ -110,6 +112,8 @@ class ClusterMember:
             internal_username=self.account,
             clock=clock,
             on_clone=leader_only,
+            on_connect=on_connect,
+            on_disconnect=on_disconnect,
             observer=observer,
             # A broker rewriting a large dynsec file answers late; a gateway that gave up at
             # start would just be one fewer.

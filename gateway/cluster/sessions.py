@@ -47,6 +47,13 @@ _MAX_ANSWER = 32 * 1024 * 1024
 ASK_TIMEOUT_SECONDS = 3.0
 
 
+def _json(payload: bytes) -> object:
+    try:
+        return json.loads(payload)
+    except RecursionError:  # nested deeper than the parser goes: no message of ours
+        raise ValueError("nested too deep") from None
+
+
 def answer_topic(node: str) -> str:
     """Where the leader answers ``node`` (a node name has no '/', '+' or '#')."""
     return f"{_ANSWER_PREFIX}/{node}"
@@ -67,7 +74,7 @@ def parse_question(payload: bytes) -> tuple[str, str]:
     """(asking node, question id); ValueError for anything else."""
     if len(payload) > _MAX_QUESTION:
         raise ValueError("question too large")
-    data = json.loads(payload)
+    data = _json(payload)
     if not isinstance(data, dict):
         raise ValueError("a question is a JSON object")
     node = data.get("from")
@@ -86,7 +93,7 @@ def parse_answer(payload: bytes) -> tuple[str, dict[str, Principal]]:
     """(question id, client id -> principal); ValueError for anything else."""
     if len(payload) > _MAX_ANSWER:
         raise ValueError("answer too large")
-    data = json.loads(payload)
+    data = _json(payload)
     if not isinstance(data, dict) or not isinstance(data.get("sessions"), list):
         raise ValueError("an answer is a JSON object with a list of sessions")
     sessions: dict[str, Principal] = {}

@@ -166,6 +166,8 @@ class SharedBrokerControl:
         internal_username: str,
         clock: Clock | None = None,
         on_clone: Callable[[Principal, str, str], None] | None = None,
+        on_connect: Callable[[Principal, str], None] | None = None,
+        on_disconnect: Callable[[Principal], None] | None = None,
         observer: Observer | None = None,
         command_timeout: float = 10.0,
         follow_sessions: bool = True,
@@ -198,6 +200,8 @@ class SharedBrokerControl:
             internal_password=self._internal_password,
             clock=self._clock,
             on_clone=on_clone,
+            on_connect=on_connect,
+            on_disconnect=on_disconnect,
             observer=observer,
             command_timeout=command_timeout,
             # the keeper's broker has the device patterns (a managed MosquittoBroker): an

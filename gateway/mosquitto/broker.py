@@ -407,6 +407,9 @@ class MosquittoBroker:
         self._reload_waiters: list[asyncio.Future[None]] = []
         self._tracker = SessionTracker()
         self._operators: set[str] = set()  # client ids of the operators' live sessions
+        # Whether every session of the main instance was seen begin: a broker we start, read
+        # since it started with no gap; never for one followed from some moment on.
+        self._sessions_whole = False
         self._enrollment_tracker = SessionTracker()
         self._bridges_ready = asyncio.Event()
         self._enforced: dict[str, dynsec.Enforcement] = {}
@@ -428,7 +431,7 @@ class MosquittoBroker:
             required=(dynsec.RESPONSE_TOPIC,),
             optional=self._admin_optional(),
             on_message=self._on_admin_message,
-            on_lost=lambda: self._fail_pending("the admin connection was lost"),
+            on_lost=self._admin_lost,
         )
         self._monitor = _Link(
             name="monitor",
@@ -476,6 +479,7 @@ class MosquittoBroker:
         if not follow:
             self._tracker.clear()
             self._operators.clear()
+        self._sessions_whole = False  # either way: sessions may begin or have begun unseen
         client = self._admin.client
         if client is None:
             return  # the link subscribes as told when it (re)connects
@@ -537,6 +541,8 @@ class MosquittoBroker:
                 # the admin link reads the main instance's notices before the bridge can
                 # connect, so the bridge's arrival is not missed
                 await self._start_link(self._admin)
+                # nobody else knows the new process yet: every session is seen begin
+                self._sessions_whole = self._follow_sessions
                 await self._start_enrollment()
                 await self._start_link(self._monitor)
                 await self._await_bridges()
@@ -559,6 +565,8 @@ class MosquittoBroker:
                 await process.stop()
         self._tracker.clear()
         self._enrollment_tracker.clear()
+        self._operators.clear()
+        self._sessions_whole = False
         self._bridges_up.clear()
         self._bridges_ready.clear()
         self._started = False
@@ -662,9 +670,11 @@ class MosquittoBroker:
         """Whether a message on ``topic`` now would reach anyone, as far as the connection
         notices tell. Mosquitto does not say who subscribed to what; but only operators may
         read the admin topics (``gateway.acl``), so an admin event with no operator connected
-        reaches nobody. Any other topic, or notices not followed: True (nobody can tell)."""
-        if not self._follow_sessions or not topic.startswith(_ADMIN_TOPICS):
-            return True
+        reaches nobody. Any other topic, or sessions that may have begun unseen (an external
+        broker, notices followed from some moment on, a gap while the admin connection was
+        down): True (nobody can tell)."""
+        if not self._sessions_whole or not topic.startswith(_ADMIN_TOPICS):
+            return True  # an operator may have connected before we looked
         return bool(self._operators)
 
     # -- who is who ------------------------------------------------------------------------
@@ -733,13 +743,13 @@ class MosquittoBroker:
 
     def _tell(self, instance: _Instance, session: Session, *, connected: bool) -> None:
         principal = self._principal(instance, session)
+        if instance.name == "main":
+            if not connected:
+                self._operators.discard(session.client_id)  # whatever it is known as now
+            elif principal is not None and principal.kind == "operator":
+                self._operators.add(session.client_id)
         if principal is None:
             return
-        if principal.kind == "operator" and instance.name == "main":
-            if connected:
-                self._operators.add(session.client_id)
-            else:
-                self._operators.discard(session.client_id)
         try:
             if connected and self._on_connect is not None:
                 self._on_connect(principal, session.address)
@@ -767,6 +777,8 @@ class MosquittoBroker:
         for session in instance.tracker.clear():
             self._tell(instance, session, connected=False)
         if instance.name == "main":
+            # devices reconnect before the admin connection does: some are never seen begin
+            self._sessions_whole = False
             self._bridges_up.clear()
             self._bridges_ready.clear()
 
@@ -1059,6 +1071,10 @@ class MosquittoBroker:
             self._on_clone(principal, previous.address, current.address)
         except Exception:
             log.exception("on_clone callback failed")
+
+    def _admin_lost(self) -> None:
+        self._sessions_whole = False  # notices sent meanwhile are missed
+        self._fail_pending("the admin connection was lost")
 
     def _fail_pending(self, why: str) -> None:
         for future in self._pending.values():

@@ -775,10 +775,14 @@ async def test_unfollowed_connection_notices_are_not_read_nor_remembered(
         assert not follower.follows_sessions
         assert follower.has_audience(events)  # not following: nobody can tell
         await managed.apply("dev-f", IdentityState.ACTIVE)
-        async with device(managed, pki, "dev-f"):
+        await managed.apply("ops-f", IdentityState.ACTIVE, kind=IdentityKind.OPERATOR)
+        async with device(managed, pki, "dev-f"), device(managed, pki, "ops-f"):
             await asyncio.sleep(QUIET)
             assert follower.connected() == {} and seen == []  # nothing read
             await follower.follow_sessions(True)
+            await asyncio.sleep(QUIET)
+            # the operator connected before anyone looked: an event may still be heard
+            assert follower.has_audience(events)
         async with device(managed, pki, "dev-f"):
             await tracked("dev-f")  # followed from then on
             await follower.follow_sessions(False)

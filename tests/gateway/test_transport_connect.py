@@ -136,7 +136,47 @@ async def test_a_standby_route_receives_only_while_active(broker_port: int) -> N
             await transport.activate("fg/v1/dev/+/telemetry", False)
             await send("after")
         assert taken == ["while active"]
+        assert transport.received["fg/v1/dev/+/telemetry"] == 1  # sent only while subscribed
         with pytest.raises(ValueError):
             await transport.activate("fg/v1/other/#", True)  # no such standby route
+    finally:
+        await transport.stop()
+
+
+async def test_routes_sharing_a_filter_each_take_the_message(broker_port: int) -> None:
+    """The behaviour watch (standby in a cluster) and the admin API's telemetry counter (always
+    on) listen to the same filter: leaving the standby one keeps the other's subscription."""
+    watched: list[str] = []
+    counted: list[str] = []
+
+    def watch(topic: str, payload: bytes) -> list[object]:
+        watched.append(payload.decode())
+        return []
+
+    def count(topic: str, payload: bytes) -> list[object]:
+        counted.append(payload.decode())
+        return []
+
+    telemetry = "fg/v1/dev/+/telemetry"
+    transport = MqttTransport(
+        BrokerAddress("127.0.0.1", broker_port, client_id="gw-shared-filter"),
+        [Route(telemetry, watch, inline=True, standby=True), Route(telemetry, count, inline=True)],
+    )
+    await transport.start(timeout=5)
+    try:
+        async with aiomqtt.Client("127.0.0.1", broker_port, identifier="dev-2") as device:
+
+            async def send(text: str) -> None:
+                await device.publish("fg/v1/dev/dev-2/telemetry", text.encode(), qos=1)
+                await asyncio.sleep(0.2)
+
+            await send("one")
+            await transport.activate(telemetry, True)
+            await send("two")
+            await transport.activate(telemetry, False)
+            await send("three")
+        assert watched == ["two"]
+        assert counted == ["one", "two", "three"]  # never unsubscribed under the counter
+        assert transport.received[telemetry] == 3  # each message once
     finally:
         await transport.stop()

@@ -158,26 +158,45 @@ async def test_a_new_leader_reads_connections_from_its_election_on(site: Cluster
 
 
 async def test_only_the_leader_receives_the_fleets_messages(site: Cluster) -> None:
+    """The behaviour watch's subscription (state and quarantine topics; telemetry too, which
+    every gateway's admin API counts for its own answers) is the leader's alone."""
     first = await site.add("gw-1")
     second = await site.add("gw-2")
     assert first.transport is not None and second.transport is not None
     device_id, session = await site.connected_device(first, "th-0003")
-    telemetry = "fg/v1/dev/+/telemetry"
+    state = "fg/v1/dev/+/state"
 
     async def publish(count: int) -> None:
         for n in range(count):
-            await session.client.publish(f"fg/v1/dev/{device_id}/telemetry", b"%d" % n, qos=1)
+            await session.client.publish(f"fg/v1/dev/{device_id}/state", b"%d" % n, qos=1)
 
     await publish(5)
     await eventually(
-        lambda: first.transport.received[telemetry] == 5, 3, "the leader takes each message"
+        lambda: first.transport.received[state] == 5, 3, "the leader takes each message"
     )
     await asyncio.sleep(0.3)
-    assert second.transport.received[telemetry] == 0  # a follower is not sent them at all
+    assert second.transport.received[state] == 0  # a follower is not sent them at all
     await first.stop()  # the lead passes to the second gateway, and the messages with it
     await eventually(lambda: second.cluster.is_leader, 3, "the second gateway leads")
     await publish(3)
     await eventually(
-        lambda: second.transport.received[telemetry] == 3, 3, "the new leader takes them"
+        lambda: second.transport.received[state] == 3, 3, "the new leader takes them"
     )
     await session.close()
+
+
+async def test_the_leader_alone_tells_operators_who_connected(site: Cluster) -> None:
+    leader = await site.add("gw-1")
+    follower = await site.add("gw-2")
+    heard: dict[str, list[tuple[str, str | None]]] = {"gw-1": [], "gw-2": []}
+    leader.listeners.append(lambda event: heard["gw-1"].append((event.kind, event.subject)))
+    follower.listeners.append(lambda event: heard["gw-2"].append((event.kind, event.subject)))
+    device_id, session = await site.connected_device(follower, "th-0004")
+    await eventually(
+        lambda: ("connected", device_id) in heard["gw-1"], 3, "the leader's connected event"
+    )
+    await session.close()
+    await eventually(
+        lambda: ("disconnected", device_id) in heard["gw-1"], 3, "and its disconnected event"
+    )
+    assert not [e for e in heard["gw-2"] if e[0] in ("connected", "disconnected")]

@@ -178,7 +178,7 @@ def test_a_question_and_its_answer_round_trip() -> None:
 @pytest.mark.parametrize(
     "payload",
     [b"", b"[]", b"{}", b'{"from": "gw/2", "id": "q"}', b'{"from": "gw-2"}',
-     b'{"from": "gw-2", "id": ""}', b'{"from": 7, "id": "q"}', b"x" * 1000],
+     b'{"from": "gw-2", "id": ""}', b'{"from": 7, "id": "q"}', b"x" * 1000, b"[" * 500],
 )
 def test_a_malformed_question_is_refused(payload: bytes) -> None:
     with pytest.raises(ValueError):
@@ -190,7 +190,7 @@ def test_a_malformed_question_is_refused(payload: bytes) -> None:
     [b"", b"{}", b'{"id": "q", "sessions": {}}', b'{"id": "q", "sessions": [["a"]]}',
      b'{"id": "q", "sessions": [["a", "robot", "a", "operational"]]}',
      b'{"id": "q", "sessions": [["a", "device", "no spaces", "operational"]]}',
-     b'{"sessions": []}'],
+     b'{"sessions": []}', b"[" * 100_000],
 )
 def test_a_malformed_answer_is_refused(payload: bytes) -> None:
     with pytest.raises(ValueError):
