@@ -43,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from gateway.bench.home import make_bench_home
 from gateway.bench.machine import describe_machine
@@ -271,19 +271,15 @@ def _cpu_each(pids: dict[str, int]) -> dict[str, float]:
     return {name: _cpu([pid]) for name, pid in pids.items()}
 
 
-def _loop_cpu_each(pids: dict[str, int]) -> dict[str, float]:
+T = TypeVar("T")
+
+
+def _read_each(pids: dict[str, int], read: Callable[[int], T]) -> dict[str, T]:
+    """``read(pid)`` of each gateway still running."""
     found = {}
     for name, pid in pids.items():
         with contextlib.suppress(ProcessLookupError):
-            found[name] = main_thread_cpu(pid)
-    return found
-
-
-def _switches_each(pids: dict[str, int]) -> dict[str, tuple[int, int]]:
-    found = {}
-    for name, pid in pids.items():
-        with contextlib.suppress(ProcessLookupError):
-            found[name] = context_switches(pid)
+            found[name] = read(pid)
     return found
 
 
@@ -326,13 +322,13 @@ async def _round(
             idle_end = _cpu_each(gateway_pids)
             probe_ms = speed_probe()  # how fast the machine is now (the fleet waits for it)
             broker_cpu = _cpu(broker_pids)
-            switches_start = _switches_each(gateway_pids)
-            loop_start = _loop_cpu_each(gateway_pids)
+            switches_start = _read_each(gateway_pids, context_switches)
+            loop_start = _read_each(gateway_pids, main_thread_cpu)
             busy_start = _cpu_each(gateway_pids)
             seconds, met = await _enroll_fleet(settings, shared, options)
             busy_end = _cpu_each(gateway_pids)
-            loop_end = _loop_cpu_each(gateway_pids)
-            switches_end = _switches_each(gateway_pids)
+            loop_end = _read_each(gateway_pids, main_thread_cpu)
+            switches_end = _read_each(gateway_pids, context_switches)
             broker_cpu = _cpu(broker_pids) - broker_cpu
             leaders = [name for name in names if _LEADING in children.output(name)]
         finally:

@@ -239,8 +239,10 @@ class MqttTransport:
         someone else's to publish now)."""
         self._retained.pop(topic, None)
 
-    def _subscribed(self, route: Route) -> bool:
-        return not route.standby or route.topic_filter in self._active
+    def _subscribed(self, route: Route, active: set[str] | None = None) -> bool:
+        """Whether ``route`` is subscribed, with ``active`` (default: now) its standby set."""
+        standby = self._active if active is None else active
+        return not route.standby or route.topic_filter in standby
 
     def _standby_route(self, topic_filter: str) -> Route | None:
         return next(
@@ -328,9 +330,14 @@ class MqttTransport:
                     client.timeout = OPERATION_TIMEOUT_SECONDS  # connected: see above
                     _nodelay(client)
                     subscribed = set(self._active)
-                    for route in self._routes:
-                        if not route.standby or route.topic_filter in subscribed:
-                            await client.subscribe(self._address.subscription(route), qos=1)
+                    # dict: each subscription once, in route order (two routes may share one)
+                    wanted = {
+                        self._address.subscription(route): None
+                        for route in self._routes
+                        if self._subscribed(route, subscribed)
+                    }
+                    for subscription in wanted:
+                        await client.subscribe(subscription, qos=1)
                     self._client = client
                     for topic, payload in self._retained.items():
                         await client.publish(topic, payload, qos=1, retain=True)

@@ -44,18 +44,18 @@ class Floor:
     loaded_enrollment_ms: float | None = None
 
     @property
+    def _handshakes_ms(self) -> float:
+        return self.enrollment_handshake_ms + self.operational_handshake_ms
+
+    @property
     def per_device_ms(self) -> float:
-        return self.enrollment_ms + self.enrollment_handshake_ms + self.operational_handshake_ms
+        return self.enrollment_ms + self._handshakes_ms
 
     @property
     def loaded_per_device_ms(self) -> float | None:
         if self.loaded_enrollment_ms is None:
             return None
-        return (
-            self.loaded_enrollment_ms
-            + self.enrollment_handshake_ms
-            + self.operational_handshake_ms
-        )
+        return self.loaded_enrollment_ms + self._handshakes_ms
 
     def under_load(self, enrollment_ms: float | None) -> Floor:
         return dataclasses.replace(self, loaded_enrollment_ms=enrollment_ms)

@@ -10,7 +10,7 @@ import contextlib
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import aiomqtt
@@ -111,13 +111,25 @@ def test_the_connect_timeout_must_be_positive() -> None:
         MqttTransport(BrokerAddress("127.0.0.1", 1), [], connect_timeout=0)
 
 
-async def test_a_standby_route_receives_only_while_active(broker_port: int) -> None:
-    taken: list[str] = []
+def _collecting(into: list[str]) -> Callable[[str, bytes], list[object]]:
+    """An inline handler that keeps each payload it is given."""
 
     def take(topic: str, payload: bytes) -> list[object]:
-        taken.append(payload.decode())
+        into.append(payload.decode())
         return []
 
+    return take
+
+
+async def _reading(device: aiomqtt.Client, device_id: str, text: str) -> None:
+    """A device's telemetry reading, and a moment for it to arrive."""
+    await device.publish(f"fg/v1/dev/{device_id}/telemetry", text.encode(), qos=1)
+    await asyncio.sleep(0.2)
+
+
+async def test_a_standby_route_receives_only_while_active(broker_port: int) -> None:
+    taken: list[str] = []
+    take = _collecting(taken)
     transport = MqttTransport(
         BrokerAddress("127.0.0.1", broker_port, client_id="gw-standby"),
         [Route("fg/v1/dev/+/telemetry", take, inline=True, standby=True)],
@@ -125,16 +137,11 @@ async def test_a_standby_route_receives_only_while_active(broker_port: int) -> N
     await transport.start(timeout=5)
     try:
         async with aiomqtt.Client("127.0.0.1", broker_port, identifier="dev-1") as device:
-
-            async def send(text: str) -> None:
-                await device.publish("fg/v1/dev/dev-1/telemetry", text.encode(), qos=1)
-                await asyncio.sleep(0.2)
-
-            await send("before")
+            await _reading(device, "dev-1", "before")
             await transport.activate("fg/v1/dev/+/telemetry", True)
-            await send("while active")
+            await _reading(device, "dev-1", "while active")
             await transport.activate("fg/v1/dev/+/telemetry", False)
-            await send("after")
+            await _reading(device, "dev-1", "after")
         assert taken == ["while active"]
         assert transport.received["fg/v1/dev/+/telemetry"] == 1  # sent only while subscribed
         with pytest.raises(ValueError):
@@ -148,15 +155,7 @@ async def test_routes_sharing_a_filter_each_take_the_message(broker_port: int) -
     on) listen to the same filter: leaving the standby one keeps the other's subscription."""
     watched: list[str] = []
     counted: list[str] = []
-
-    def watch(topic: str, payload: bytes) -> list[object]:
-        watched.append(payload.decode())
-        return []
-
-    def count(topic: str, payload: bytes) -> list[object]:
-        counted.append(payload.decode())
-        return []
-
+    watch, count = _collecting(watched), _collecting(counted)
     telemetry = "fg/v1/dev/+/telemetry"
     transport = MqttTransport(
         BrokerAddress("127.0.0.1", broker_port, client_id="gw-shared-filter"),
@@ -165,16 +164,11 @@ async def test_routes_sharing_a_filter_each_take_the_message(broker_port: int) -
     await transport.start(timeout=5)
     try:
         async with aiomqtt.Client("127.0.0.1", broker_port, identifier="dev-2") as device:
-
-            async def send(text: str) -> None:
-                await device.publish("fg/v1/dev/dev-2/telemetry", text.encode(), qos=1)
-                await asyncio.sleep(0.2)
-
-            await send("one")
+            await _reading(device, "dev-2", "one")
             await transport.activate(telemetry, True)
-            await send("two")
+            await _reading(device, "dev-2", "two")
             await transport.activate(telemetry, False)
-            await send("three")
+            await _reading(device, "dev-2", "three")
         assert watched == ["two"]
         assert counted == ["one", "two", "three"]  # never unsubscribed under the counter
         assert transport.received[telemetry] == 3  # each message once
