@@ -7,6 +7,7 @@ from deep inside the service.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
@@ -133,17 +134,27 @@ class Settings:
             return self.database_url
         return f"sqlite:///{(self.home / 'registry.db').resolve()}"
 
+    @property
+    def passphrase_path(self) -> Path:
+        return self.home / self.passphrase_file
+
     def passphrase(self) -> bytes:
         """The passphrase that unlocks the CA keys: $FLEETGATE_PASSPHRASE or the passphrase file."""
-        if value := os.environ.get(PASSPHRASE_ENV):
-            return value.encode()
-        path = self.home / self.passphrase_file
+        if value := passphrase_from_environment():
+            return value
+        path = self.passphrase_path
         try:
             return path.read_bytes().strip()
         except FileNotFoundError:
             raise ConfigError(
                 f"no passphrase: set ${PASSPHRASE_ENV} or create {path}"
             ) from None
+
+
+def passphrase_from_environment() -> bytes | None:
+    """$FLEETGATE_PASSPHRASE, which overrides the passphrase file everywhere (init included)."""
+    value = os.environ.get(PASSPHRASE_ENV)
+    return value.encode() if value else None
 
 
 def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
@@ -271,13 +282,20 @@ def load_settings(home: Path) -> Settings:
     return parse_settings(home, data)
 
 
-def render_default_config(trust_domain: str, key_type: KeyType) -> str:
+def render_default_config(
+    trust_domain: str, key_type: KeyType, passphrase_file: str | None = None
+) -> str:
     """The commented `fleetgate.toml` that `fleetgate init` writes."""
+    passphrase_line = (
+        f"passphrase_file = {json.dumps(passphrase_file)}"
+        if passphrase_file is not None
+        else 'passphrase_file = "secrets/passphrase"'
+    )
     return f"""\
 # Fleetgate gateway settings. Every key has a default; see docs/configuration.md.
 trust_domain = "{trust_domain}"
 # database_url = "postgresql://user@host/fleetgate"   # default: SQLite registry.db in this folder
-passphrase_file = "secrets/passphrase"                # or set $FLEETGATE_PASSPHRASE
+{passphrase_line:<53} # or set $FLEETGATE_PASSPHRASE
 audit_checkpoint_every = 100                          # sign the audit chain head every N events
 
 [ca]

@@ -25,7 +25,13 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_public_key,
 )
 
-from gateway.config import CONFIG_NAME, Settings, render_default_config
+from gateway.config import (
+    CONFIG_NAME,
+    CaSettings,
+    Settings,
+    load_settings,
+    render_default_config,
+)
 from gateway.keystore import EncryptedFileKeyStore
 from pki.ca import CertificateAuthority, create_issuing_ca, create_root_ca
 from pki.clock import Clock, SystemClock
@@ -47,6 +53,7 @@ class InitResult:
     root_certificate: Path
     issuing_certificate: Path
     passphrase_file: Path | None  # set when a passphrase was generated
+    notes: tuple[str, ...]  # what the operator must still do
     root: x509.Certificate
     issuing: x509.Certificate
 
@@ -63,24 +70,47 @@ def pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(Encoding.PEM)
 
 
+def _leftovers(home: Path) -> list[Path]:
+    """Files a new CA would overwrite: the certificates, keys and generated passphrase."""
+    ca_dir = home / "ca"
+    found = [ca_dir / "root.crt", ca_dir / "issuing.crt", home / "secrets" / "passphrase"]
+    found += [ca_dir / f"{name}.key" for name in (ROOT_KEY, ISSUING_KEY, AUDIT_KEY)]
+    return [path for path in found if path.exists()]
+
+
 def init_home(
     home: Path,
     *,
     trust_domain: str = "fleetgate.local",
     key_type: KeyType = KeyType.P256,
     passphrase: bytes | None = None,
+    passphrase_file: Path | None = None,
     force: bool = False,
     clock: Clock | None = None,
 ) -> InitResult:
+    """Create the CA hierarchy, keys and settings in ``home``.
+
+    The keys are encrypted with ``passphrase``; without one a passphrase is generated into
+    ``secrets/passphrase``. ``passphrase_file`` (where ``passphrase`` was read from) is
+    recorded in a new fleetgate.toml so the gateway finds it again. Nothing is written
+    unless the home is free of an earlier CA's files (or ``force``): a half-made home must
+    not lose the passphrase that opens the keys still in it."""
     clock = clock or SystemClock()
     ca_dir = home / "ca"
     root_path, issuing_path = ca_dir / "root.crt", ca_dir / "issuing.crt"
-    if root_path.exists() and not force:
+    if not force and (found := _leftovers(home)):
+        if root_path in found:
+            raise HomeExistsError(
+                f"{root_path} exists: this home already has a CA (use --force to replace it; "
+                "every certificate it issued would stop verifying)"
+            )
         raise HomeExistsError(
-            f"{root_path} exists: this home already has a CA (use --force to replace it; "
-            "every certificate it issued would stop verifying)"
+            f"{found[0]} exists: this home holds part of an earlier CA (move it away, or use "
+            "--force to replace it)"
         )
     home.mkdir(parents=True, exist_ok=True)
+    config = home / CONFIG_NAME
+    ca_settings = load_settings(home).ca if config.exists() else CaSettings(key_type=key_type)
     generated: Path | None = None
     if passphrase is None:
         generated = home / "secrets" / "passphrase"
@@ -92,14 +122,14 @@ def init_home(
         keys.generate(ROOT_KEY, key_type, overwrite=force),
         f"Fleetgate Root CA {trust_domain}",
         clock,
-        timedelta(days=3650),
+        timedelta(days=ca_settings.root_lifetime_days),
     )
     issuing = create_issuing_ca(
         root,
         keys.generate(ISSUING_KEY, key_type, overwrite=force),
         f"Fleetgate Issuing CA {trust_domain}",
         clock,
-        timedelta(days=180),
+        timedelta(days=ca_settings.issuing_lifetime_days),
     )
     audit = keys.generate(AUDIT_KEY, key_type, overwrite=force)
     # The audit key's public half sits beside the certificates so `fleetgate audit verify`
@@ -111,18 +141,43 @@ def init_home(
     issuing_path.write_bytes(pem(issuing.certificate))
     (home / "trust" / "manufacturers").mkdir(parents=True, exist_ok=True)
 
-    config = home / CONFIG_NAME
-    if force or not config.exists():
-        config.write_text(render_default_config(trust_domain, key_type))
+    # An existing fleetgate.toml is the operator's (ports, policy, database): kept, even on
+    # --force, which replaces the CA only.
+    notes: list[str] = []
+    if not config.exists():
+        config.write_text(
+            render_default_config(trust_domain, key_type, _recorded(home, passphrase_file))
+        )
+    else:
+        kept = load_settings(home).passphrase_path.resolve()
+        source = generated if generated is not None else passphrase_file
+        if source is not None and source.resolve() != kept:
+            notes.append(
+                f"{config} keeps passphrase_file pointing at {kept}: set it to {source}, "
+                "or the gateway cannot open its new keys"
+            )
     return InitResult(
         home=home,
         config=config,
         root_certificate=root_path,
         issuing_certificate=issuing_path,
         passphrase_file=generated,
+        notes=tuple(notes),
         root=root.certificate,
         issuing=issuing.certificate,
     )
+
+
+def _recorded(home: Path, passphrase_file: Path | None) -> str | None:
+    """How fleetgate.toml names a given passphrase file: relative inside the home (the home
+    may move), absolute outside it."""
+    if passphrase_file is None:
+        return None
+    path = passphrase_file.resolve()
+    try:
+        return str(path.relative_to(home.resolve()))
+    except ValueError:
+        return str(path)
 
 
 def is_initialised(home: Path) -> bool:

@@ -1,8 +1,11 @@
 """Certificate signing requests: accept a CSR only as a proof of possession of a public key.
 
-Everything else a CSR says (subject, SANs, requested extensions) is ignored by design; the
-registry decides what a certificate contains. What is checked here is that the CSR is well
-formed, self-signed by its key, and that the key is one we accept.
+Nothing a CSR says beyond its key is ever copied into a certificate: the registry decides
+what a certificate contains. What is checked here is that the CSR is well formed, self-signed
+by its key, that the key is one we accept, and that it does not ask for more than a leaf of
+its identity gets (CA powers, an unknown critical extension, another identity's names): such
+a request is refused as ``csr_overreach`` rather than quietly trimmed, since an honest device
+never makes it and the refusal is worth counting.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pki.keys import LocalSigner, hash_for_public_key
 
 __all__ = [
     "CheckedCsr",
+    "CsrIdentity",
     "CsrPolicy",
     "certificate_fingerprint",
     "check_csr",
@@ -84,9 +88,56 @@ class CheckedCsr:
     key_fingerprint: str  # public_key_fingerprint(public_key)
 
 
+@dataclass(frozen=True)
+class CsrIdentity:
+    """The names a CSR may carry for the identity it is sent for: the common name (device id)
+    and the SPIFFE ID. Optional in the request; anything else named there is overreach."""
+
+    common_name: str
+    spiffe_id: str
+
+
+# Extensions a CSR may mark critical because we know what they ask (and refuse the part a
+# leaf does not get); any other critical extension asks for something we cannot honour.
+_KNOWN_CRITICAL = (
+    x509.BasicConstraints,
+    x509.KeyUsage,
+    x509.ExtendedKeyUsage,
+    x509.SubjectAlternativeName,
+    x509.SubjectKeyIdentifier,
+)
+
+
+def _check_overreach(csr: x509.CertificateSigningRequest, identity: CsrIdentity | None) -> None:
+    for ext in csr.extensions:
+        value = ext.value
+        if isinstance(value, x509.BasicConstraints) and value.ca:
+            raise CsrRejected(Reason.CSR_OVERREACH, "CSR asks for a CA certificate (CA:TRUE)")
+        if isinstance(value, x509.KeyUsage) and (value.key_cert_sign or value.crl_sign):
+            raise CsrRejected(Reason.CSR_OVERREACH, "CSR asks for keyCertSign or cRLSign")
+        if ext.critical and not isinstance(value, _KNOWN_CRITICAL):
+            unknown = ext.oid.dotted_string
+            raise CsrRejected(Reason.CSR_OVERREACH, f"CSR marks extension {unknown} critical")
+        if identity is not None and isinstance(value, x509.SubjectAlternativeName):
+            for name in value:
+                if name != x509.UniformResourceIdentifier(identity.spiffe_id):
+                    raise CsrRejected(
+                        Reason.CSR_OVERREACH, f"CSR names {name.value!r}, not {identity.spiffe_id}"
+                    )
+    if identity is not None:
+        for attribute in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
+            if attribute.value != identity.common_name:
+                raise CsrRejected(
+                    Reason.CSR_OVERREACH,
+                    f"CSR common name {attribute.value!r} is not {identity.common_name!r}",
+                )
+
+
 def _parse(data: bytes) -> x509.CertificateSigningRequest:
     try:
-        if data.lstrip().startswith(_PEM_MARKER):
+        # PEM may follow text (`openssl req -text` prints the request before it), as OpenSSL
+        # and cryptography allow; DER starts with a SEQUENCE and has no marker.
+        if _PEM_MARKER in data:
             return x509.load_pem_x509_csr(data)
         return x509.load_der_x509_csr(data)
     except (ValueError, UnsupportedAlgorithm, x509.InvalidVersion) as exc:
@@ -133,11 +184,13 @@ def check_csr(
     data: bytes,
     policy: CsrPolicy = CsrPolicy(),
     forbidden_keys: Iterable[CertificatePublicKeyTypes] = (),
+    identity: CsrIdentity | None = None,
 ) -> CheckedCsr:
     """Parse a PEM or DER CSR, check it, and keep only its public key.
 
     ``forbidden_keys`` are keys the CSR must not carry (a device's birth key: the operational
-    key must be new). Raises ``CsrRejected`` with the reason of the first failed check.
+    key must be new). With ``identity``, the CSR may name no one else (CSR_OVERREACH).
+    Raises ``CsrRejected`` with the reason of the first failed check.
     ``digest`` is sha256 over the DER form, also when the CSR arrived as PEM.
     """
     if not isinstance(data, bytes | bytearray):
@@ -161,6 +214,8 @@ def check_csr(
         raise CsrRejected(Reason.BAD_ENCODING, f"extensions do not parse: {exc}") from None
     key = _check_key(csr, policy)
     _check_signature(csr)
+    # After the signature: only what the key's holder really asked for counts as overreach.
+    _check_overreach(csr, identity)
     key_der = spki_der(key)
     if any(spki_der(forbidden) == key_der for forbidden in forbidden_keys):
         raise CsrRejected(Reason.FORBIDDEN_KEY, "this key may not be certified here")

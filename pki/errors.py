@@ -18,6 +18,7 @@ class Reason(StrEnum):
     KEY_NOT_ALLOWED = "key_not_allowed"
     FORBIDDEN_KEY = "forbidden_key"
     DUPLICATE_EXTENSION = "duplicate_extension"
+    CSR_OVERREACH = "csr_overreach"
     # attestation
     UNKNOWN_MANUFACTURER = "unknown_manufacturer"
     CHAIN_INVALID = "chain_invalid"

@@ -8,8 +8,14 @@ from typing import Annotated
 import typer
 
 from gateway.cli.common import HomeOption, console, fail, resolve_home
-from gateway.config import ConfigError, _check_trust_domain
+from gateway.config import (
+    PASSPHRASE_ENV,
+    ConfigError,
+    _check_trust_domain,
+    passphrase_from_environment,
+)
 from gateway.home import HomeExistsError, init_home
+from pki.errors import KeyStoreError
 from pki.keys import KeyType
 
 
@@ -21,7 +27,10 @@ def init_command(
     key_type: Annotated[KeyType, typer.Option(help="Key type of the CA keys.")] = KeyType.P256,
     passphrase_file: Annotated[
         Path | None,
-        typer.Option(help="File holding the passphrase that encrypts the CA keys."),
+        typer.Option(
+            help="File holding the passphrase that encrypts the CA keys (recorded in "
+            f"fleetgate.toml). Default: ${PASSPHRASE_ENV} if set, else one is generated."
+        ),
     ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="Replace an existing CA (old certificates break).")
@@ -33,7 +42,7 @@ def init_command(
         _check_trust_domain(trust_domain)
     except ConfigError as exc:
         fail(str(exc))
-    passphrase = None
+    passphrase = passphrase_from_environment()
     if passphrase_file is not None:
         try:
             passphrase = passphrase_file.read_bytes().strip()
@@ -43,10 +52,19 @@ def init_command(
             fail(f"{passphrase_file} is empty")
     try:
         result = init_home(
-            folder, trust_domain=trust_domain, key_type=key_type, passphrase=passphrase, force=force
+            folder,
+            trust_domain=trust_domain,
+            key_type=key_type,
+            passphrase=passphrase,
+            passphrase_file=passphrase_file,
+            force=force,
         )
-    except HomeExistsError as exc:
+    except (HomeExistsError, ConfigError) as exc:
         fail(str(exc))
+    except KeyStoreError as exc:
+        fail(f"cannot write the CA keys: {exc}")
+    except OSError as exc:
+        fail(f"cannot write the gateway home {folder}: {exc.strerror or exc}")
     console.print(f"[bold green]Initialised[/] gateway home [bold]{result.home}[/]")
     subject = result.root.subject.rfc4514_string()
     console.print(f"  root CA      {result.root_certificate}  ({subject})")
@@ -55,6 +73,11 @@ def init_command(
     console.print(f"  settings     {result.config}")
     if result.passphrase_file is not None:
         console.print(
-            f"  passphrase   generated into {result.passphrase_file} (mode 0600): "
-            "keep it safe, or pass --passphrase-file next time"
+            f"  passphrase   generated into {result.passphrase_file} (mode 0600): keep it safe"
         )
+    elif passphrase_file is not None:
+        console.print(f"  passphrase   read from {passphrase_file} (recorded in {result.config})")
+    else:
+        console.print(f"  passphrase   ${PASSPHRASE_ENV}: set it whenever the gateway runs")
+    for note in result.notes:
+        console.print(f"[bold yellow]note:[/] {note}")

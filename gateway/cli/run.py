@@ -21,8 +21,8 @@ from gateway.cli.common import (
     settings_for,
 )
 from gateway.collector import CollectorPolicy
-from gateway.config import DATABASE_ENV, ConfigError, load_settings
-from gateway.home import init_home, is_initialised
+from gateway.config import DATABASE_ENV, ConfigError, load_settings, passphrase_from_environment
+from gateway.home import HomeExistsError, init_home, is_initialised
 from pki.errors import KeyStoreError
 
 
@@ -199,7 +199,10 @@ def demo_command(
 
     folder = resolve_home(home)
     if not is_initialised(folder):
-        init_home(folder)
+        try:
+            init_home(folder, passphrase=passphrase_from_environment())
+        except HomeExistsError as exc:
+            fail(str(exc))
         if not as_json:
             console.print(f"initialised a new gateway home in {folder}")
     try:

@@ -46,11 +46,11 @@ from gateway.store import (
     TokenCheck,
 )
 from pki.attestation import BirthIdentity, EvidenceClaims, read_birth_identity, verify_attestation
-from pki.csr import CheckedCsr, CsrPolicy, check_csr
+from pki.csr import CheckedCsr, CsrIdentity, CsrPolicy, check_csr
 from pki.errors import PkiError, Reason
 from pki.issue import Issuer
 from pki.keys import verify_signature
-from pki.profile import IdentityKind
+from pki.profile import IdentityKind, spiffe_id
 
 NONCE_BYTES = 32
 
@@ -171,10 +171,17 @@ class Decider:
             )
 
     def _check_csr(
-        self, csr: bytes, forbidden: tuple[CertificatePublicKeyTypes, ...] = ()
+        self, device_id: str, csr: bytes, forbidden: tuple[CertificatePublicKeyTypes, ...] = ()
     ) -> CheckedCsr:
+        # A device's CSR may name the device, and no one else.
+        identity = CsrIdentity(
+            common_name=device_id,
+            spiffe_id=spiffe_id(self._policy.trust_domain, IdentityKind.DEVICE, device_id),
+        )
         try:
-            checked = check_csr(csr, self._csr_policy, forbidden_keys=forbidden)
+            checked = check_csr(
+                csr, self._csr_policy, forbidden_keys=forbidden, identity=identity
+            )
         except PkiError as exc:
             raise EnrollmentRejected(from_pki(exc.reason), exc.detail) from None
         if self._store.key_fingerprint_used(checked.key_fingerprint):
@@ -308,7 +315,7 @@ class Decider:
             self._check_time(request.time, now)
         chain = _load_chain(request.chain)
         birth = _birth_identity(chain)
-        csr = self._check_csr(request.csr, forbidden=(birth.public_key,))
+        csr = self._check_csr(device_id, request.csr, forbidden=(birth.public_key,))
         if not attempt.resumed:
             check = self._store.consume_nonce(request.nonce, device_id, now)
             if check is not NonceCheck.OK:
@@ -401,7 +408,7 @@ class Decider:
     ) -> Decision:
         if not attempt.resumed:
             self._check_time(request.time, now)
-        csr = self._check_csr(request.csr)
+        csr = self._check_csr(device_id, request.csr)
         existing = self._store.get_identity(device_id)
         _check_registry(existing, None)
         self._check_firmware(existing.model if existing else None, request.firmware)
@@ -481,7 +488,7 @@ class Decider:
             raise EnrollmentRejected(
                 ReasonCode.REATTESTATION_REQUIRED, "an operator asked this device to re-attest"
             )
-        csr = self._check_csr(request.csr)
+        csr = self._check_csr(device_id, request.csr)
         fault_point("after_csr_verified")
         firmware = request.firmware
         if firmware is not None:

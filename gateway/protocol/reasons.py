@@ -17,6 +17,7 @@ class ReasonCode(StrEnum):
     KEY_NOT_ALLOWED = "key_not_allowed"
     FORBIDDEN_KEY = "forbidden_key"
     DUPLICATE_EXTENSION = "duplicate_extension"
+    CSR_OVERREACH = "csr_overreach"  # asks for CA powers, another name, an unknown critical ext
     # from pki.errors.Reason: attestation
     UNKNOWN_MANUFACTURER = "unknown_manufacturer"
     CHAIN_INVALID = "chain_invalid"
@@ -78,6 +79,7 @@ _ADVICE: dict[ReasonCode, Advice] = {
     ReasonCode.KEY_NOT_ALLOWED: Advice.GIVE_UP,
     ReasonCode.FORBIDDEN_KEY: Advice.RESTART,
     ReasonCode.DUPLICATE_EXTENSION: Advice.GIVE_UP,
+    ReasonCode.CSR_OVERREACH: Advice.GIVE_UP,
     ReasonCode.UNKNOWN_MANUFACTURER: Advice.GIVE_UP,
     ReasonCode.CHAIN_INVALID: Advice.GIVE_UP,
     ReasonCode.BIRTH_CERT_EXPIRED: Advice.GIVE_UP,

@@ -13,8 +13,10 @@ from typer.testing import CliRunner
 
 from gateway.cli import app
 from gateway.config import load_settings
+from gateway.home import load_keys
 from gateway.operations import open_store
 from gateway.store import IdentityState
+from pki.errors import KeyStoreError
 
 runner = CliRunner()
 
@@ -76,6 +78,66 @@ def test_init_with_a_passphrase_file_and_p384(tmp_path: Path) -> None:
     assert not (folder / "secrets" / "passphrase").exists()
     root = x509.load_pem_x509_certificate((folder / "ca" / "root.crt").read_bytes())
     assert root.public_key().curve.name == "secp384r1"
+    # The gateway finds the file again from fleetgate.toml alone: no option, no variable.
+    keys = load_keys(load_settings(folder))
+    assert keys.issuing.certificate.issuer == root.subject
+
+
+def test_init_encrypts_with_the_passphrase_variable_when_it_is_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLEETGATE_PASSPHRASE", "from the environment")
+    folder = tmp_path / "gw"
+    code, output = fleetgate("init", "--home", str(folder))
+    assert code == 0, output
+    assert "FLEETGATE_PASSPHRASE" in output
+    assert not (folder / "secrets" / "passphrase").exists()
+    load_keys(load_settings(folder))  # opens with the variable the gateway will run with
+    monkeypatch.setenv("FLEETGATE_PASSPHRASE", "something else")
+    with pytest.raises(KeyStoreError):
+        load_keys(load_settings(folder))
+
+
+def test_init_on_a_half_made_home_refuses_and_keeps_the_passphrase(home: Path) -> None:
+    (home / "ca" / "root.crt").unlink()
+    passphrase = (home / "secrets" / "passphrase").read_bytes()
+    issuing_key = (home / "ca" / "issuing.key").read_bytes()
+    code, output = fleetgate("init", "--home", str(home))
+    assert code == 1 and "part of an earlier CA" in output
+    assert "Traceback" not in output
+    assert (home / "secrets" / "passphrase").read_bytes() == passphrase
+    assert (home / "ca" / "issuing.key").read_bytes() == issuing_key
+
+
+def test_init_force_replaces_the_ca_but_keeps_the_operators_settings(home: Path) -> None:
+    config = home / "fleetgate.toml"
+    edited = config.read_text().replace("lifetime_seconds = 3600", "lifetime_seconds = 600")
+    config.write_text(edited)
+    code, output = fleetgate("init", "--home", str(home), "--force")
+    assert code == 0, output
+    assert config.read_text() == edited
+    assert load_settings(home).certificates.lifetime_seconds == 600
+    load_keys(load_settings(home))  # the new keys open with the new generated passphrase
+
+
+def test_init_with_an_unwritable_home_is_an_error_not_a_traceback(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, output = fleetgate("init", "--home", str(blocker / "gw"))
+    assert code == 1 and "cannot write the gateway home" in output
+    assert "Traceback" not in output
+
+
+def test_home_defaults_to_the_variable_then_the_working_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FLEETGATE_HOME", str(tmp_path / "from-env"))
+    assert fleetgate("init")[0] == 0
+    assert (tmp_path / "from-env" / "ca" / "root.crt").exists()
+    monkeypatch.delenv("FLEETGATE_HOME")
+    assert fleetgate("init")[0] == 0
+    assert (tmp_path / ".fleetgate" / "ca" / "root.crt").exists()
 
 
 def test_init_refuses_a_bad_trust_domain(tmp_path: Path) -> None:

@@ -305,6 +305,19 @@ def test_nothing_a_csr_asks_for_reaches_the_certificate(
     key_index: int,
 ) -> None:
     key = _KEYS[key_index]
+    # Asking for CA powers, or marking critical what the gateway does not know, is refused;
+    # whatever else a CSR asks for is ignored.
+    overreach = any(
+        (isinstance(e.value, x509.BasicConstraints) and e.value.ca)
+        or (isinstance(e.value, x509.KeyUsage) and (e.value.key_cert_sign or e.value.crl_sign))
+        or (e.critical and isinstance(e.value, x509.OCSPNoCheck))
+        for e in extensions
+    )
+    if overreach:
+        with pytest.raises(CsrRejected) as refused:
+            check_csr(csr_der(key, extensions, subject))
+        assert refused.value.reason is Reason.CSR_OVERREACH
+        return
     checked = check_csr(csr_der(key, extensions, subject))
     cert = _ISSUER.issue(_TEMPLATE, checked.public_key)
 

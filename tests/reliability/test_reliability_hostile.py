@@ -107,13 +107,32 @@ def base64_field(change: Callable[[str], str], field: str = "csr") -> Case:
     return case
 
 
-def csr_with(extensions: list[x509.Extension[x509.ExtensionType]]) -> bytes:
+def csr_with(
+    extensions: list[x509.Extension[x509.ExtensionType]], common_name: str = DEVICE
+) -> bytes:
     """A P-256 CSR with ``extensions`` exactly as given: the builder's constructor keeps
     duplicates (its fluent methods would refuse them), which is how a hostile device builds one."""
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, DEVICE)])
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     builder = x509.CertificateSigningRequestBuilder(subject, extensions)
     key = LocalSigner.generate().private_key
     return builder.sign(key, hashes.SHA256()).public_bytes(Encoding.DER)
+
+
+def asking(value: x509.ExtensionType, critical: bool = False) -> Callable[[], bytes]:
+    """A CSR (for DEVICE) carrying one extension: what a device asks for on top of a leaf."""
+    return lambda: csr_with([x509.Extension(value.oid, critical, value)])
+
+
+def _san(*names: x509.GeneralName) -> x509.SubjectAlternativeName:
+    return x509.SubjectAlternativeName(list(names))
+
+
+OWN_SPIFFE_ID = x509.UniformResourceIdentifier(f"spiffe://fleet.test/device/{DEVICE}")
+CA_KEY_USAGE = x509.KeyUsage(
+    digital_signature=True, content_commitment=False, key_encipherment=False,
+    data_encipherment=False, key_agreement=False, key_cert_sign=True,
+    crl_sign=False, encipher_only=False, decipher_only=False,
+)
 
 
 def duplicate_extensions_csr() -> bytes:
@@ -309,6 +328,37 @@ CASES: dict[str, tuple[Case, ReasonCode]] = {
     ),
     "csr_duplicate_extension": (with_csr(duplicate_extensions_csr), ReasonCode.DUPLICATE_EXTENSION),
     "csr_for_the_birth_key": (lambda gw: _birth_key_csr(gw), ReasonCode.FORBIDDEN_KEY),
+    # a CSR asking for more than a leaf of its own identity: refused, not trimmed
+    "csr_common_name_of_another_device": (
+        with_csr(lambda: csr_with([], common_name="dev-2")),
+        ReasonCode.CSR_OVERREACH,
+    ),
+    "csr_spiffe_id_of_another_device": (
+        with_csr(asking(_san(x509.UniformResourceIdentifier("spiffe://fleet.test/device/dev-2")))),
+        ReasonCode.CSR_OVERREACH,
+    ),
+    "csr_operator_spiffe_id": (
+        with_csr(asking(_san(x509.UniformResourceIdentifier("spiffe://fleet.test/operator/root")))),
+        ReasonCode.CSR_OVERREACH,
+    ),
+    "csr_extra_san": (
+        with_csr(asking(_san(OWN_SPIFFE_ID, x509.DNSName("broker.fleet.test")))),
+        ReasonCode.CSR_OVERREACH,
+    ),
+    "csr_ca_true": (
+        with_csr(asking(x509.BasicConstraints(ca=True, path_length=None), critical=True)),
+        ReasonCode.CSR_OVERREACH,
+    ),
+    "csr_key_cert_sign": (with_csr(asking(CA_KEY_USAGE, critical=True)), ReasonCode.CSR_OVERREACH),
+    "csr_unknown_critical_extension": (
+        with_csr(
+            asking(
+                x509.UnrecognizedExtension(ObjectIdentifier("1.3.6.1.4.1.99999.1"), b"\x05\x00"),
+                critical=True,
+            )
+        ),
+        ReasonCode.CSR_OVERREACH,
+    ),
     # nonces, evidence, clocks
     "nonce_replayed": (replayed_nonce, ReasonCode.NONCE_REUSED),
     "nonce_of_another_device": (nonce_of_another_device, ReasonCode.NONCE_OTHER_DEVICE),
@@ -406,34 +456,30 @@ def test_the_table_covers_every_refusal_a_device_can_provoke_on_the_wire() -> No
     assert provoked | elsewhere == set(ReasonCode)
 
 
-# -- what a CSR asks for is ignored, not obeyed ---------------------------------------------------
+# -- what an honest CSR says beyond its key is ignored, never copied ------------------------------
 
 
-def test_a_csr_asking_for_ca_powers_and_unknown_critical_extensions_gets_a_plain_leaf() -> None:
+def test_a_csr_naming_only_its_own_identity_gets_a_plain_leaf() -> None:
     gw = LoopbackGateway()
     key = LocalSigner.generate()
     csr = (
         x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dev-2")]))
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.COMMON_NAME, DEVICE),
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Acme Sensors"),
+                ]
+            )
+        )
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
         )
         .add_extension(
             x509.UnrecognizedExtension(ObjectIdentifier("1.3.6.1.4.1.99999.1"), b"\x05\x00"),
-            critical=True,
-        )
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("dev-2.fleet.test"), x509.UniformResourceIdentifier(
-                    "spiffe://fleet.test/device/dev-2")]
-            ),
             critical=False,
         )
+        .add_extension(_san(OWN_SPIFFE_ID), critical=False)
         .sign(key.private_key, hashes.SHA256())
         .public_bytes(Encoding.DER)
     )
@@ -466,11 +512,12 @@ def _aki(gw: LoopbackGateway) -> x509.AuthorityKeyIdentifier:
 VECTORS: dict[str, ReasonCode] = {
     "bad-version.pem": ReasonCode.BAD_ENCODING,
     "invalid_signature.pem": ReasonCode.KEY_NOT_ALLOWED,  # RSA-1024: refused before its signature
-    "two_basic_constraints.pem": ReasonCode.BAD_ENCODING,
-    "unsupported_extension_critical.pem": ReasonCode.BAD_ENCODING,
+    "two_basic_constraints.pem": ReasonCode.DUPLICATE_EXTENSION,
+    # RSA with SHA-1: refused for the weak self-signature before its extensions are judged
+    "unsupported_extension_critical.pem": ReasonCode.BAD_SIGNATURE,
     "freeipa-bad-critical.pem": ReasonCode.BAD_ENCODING,
     "zero-element-attribute.pem": ReasonCode.BAD_ENCODING,
-    "basic_constraints.pem": ReasonCode.BAD_ENCODING,
+    "basic_constraints.pem": ReasonCode.BAD_SIGNATURE,
     "rsa_md4.der": ReasonCode.BAD_SIGNATURE,
     "rsa_sha1.der": ReasonCode.BAD_SIGNATURE,
     "san_rsa_sha1.der": ReasonCode.BAD_SIGNATURE,
@@ -490,10 +537,15 @@ def _vectors_folder() -> Path:
 @pytest.mark.parametrize("name", sorted(VECTORS))
 def test_bad_csrs_from_cryptography_vectors_are_refused_on_the_wire(name: str) -> None:
     csr = (_vectors_folder() / name).read_bytes()
+    code = VECTORS[name]
     gw = LoopbackGateway()
+    audit_before = len(gw.store.audit_records())
     (reply,) = gw.service.handle(topics.enroll_request(DEVICE), enroll_payload(gw, csr=csr))
     answer = decode_response(reply.payload)
     assert isinstance(answer, Error), answer
-    assert answer.reason == VECTORS[name], answer.detail
+    assert answer.reason == code, answer.detail
+    assert gw.service.metrics[f"rejected.{code.value}"] == 1
     assert gw.service.metrics["errors.internal"] == 0
+    new = gw.store.audit_records()[audit_before:]
+    assert [(r.entry.action, r.entry.reasons) for r in new] == [("reject", (code.value,))]
     assert gw.store.certificates_for(DEVICE) == []
