@@ -249,34 +249,51 @@ def verify_chain(
     records: Sequence[AuditRecord],
     checkpoints: Sequence[AuditCheckpoint],
     public_key: CertificatePublicKeyTypes | None = None,
+    *,
+    exported: AuditCheckpoint | None = None,
+    every: int | None = None,
 ) -> ChainVerdict:
     """Check the whole audit trail: ``records`` from seq 1 in the order the store returned them,
     and every checkpoint against the audit key ``public_key`` (needed only if there are
     checkpoints).
 
+    ``exported`` is a checkpoint the operator kept off the box (``gateway.audit_export``): it is
+    checked like the registry's own, and names itself in the problem. ``every`` is the
+    checkpoint interval the gateway signs at (``audit_checkpoint_every``): a trail longer than
+    that without a single checkpoint lost its checkpoints.
+
     Detected: an edited record (its hash no longer matches), a deleted record (a gap in the
     sequence or a broken link), an inserted record, reordered records, a tail truncated behind a
     checkpoint (the checkpoint names a record that is gone), a chain rewritten consistently behind
-    a checkpoint (the checkpoint's hash no longer matches), and a forged checkpoint signature.
+    a checkpoint (the checkpoint's hash no longer matches), a forged checkpoint signature, and
+    (given ``every``) an emptied checkpoint table under a trail longer than one interval.
 
     Not detectable: records after the newest checkpoint can be truncated (or appended) by someone
     with write access to the database, because nothing signed vouches for them yet. That is why the
-    service checkpoints often and on shutdown; a copy of the newest checkpoint kept elsewhere
-    (exported by the operator) also defends against deleting checkpoints together with the tail.
+    service checkpoints often and on shutdown. Deleting the checkpoints together with the tail
+    down to at most ``every`` records is caught only by an ``exported`` checkpoint: keep a copy of
+    the newest one elsewhere (`fleetgate audit checkpoint --output FILE`).
     """
-    ordered_checkpoints = sorted(checkpoints, key=lambda checkpoint: checkpoint.seq)
-    if ordered_checkpoints and public_key is None:
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ValueError("every must be a whole number >= 1")
+    labelled = [(checkpoint, "checkpoint") for checkpoint in checkpoints]
+    if exported is not None:
+        labelled.append((exported, "exported checkpoint"))
+    # The registry's own first at equal seq: a problem there is the registry's to report.
+    labelled.sort(key=lambda pair: (pair[0].seq, pair[1] != "checkpoint"))
+    if labelled and public_key is None:
         raise TypeError("checkpoints can only be verified with the audit public key")
-    for checkpoint in ordered_checkpoints:
+    for checkpoint, label in labelled:
         assert public_key is not None
         if not verify_checkpoint(checkpoint, public_key):
             return ChainVerdict(
                 ok=False,
                 first_bad_seq=checkpoint.seq,
-                problem=f"checkpoint signature invalid (checkpoint at {checkpoint.seq})",
+                problem=f"{label} signature invalid (checkpoint at {checkpoint.seq})",
                 checked=0,
                 last_checkpoint_seq=None,
             )
+    ordered_checkpoints = [checkpoint for checkpoint, _ in labelled]
 
     expected_prev = GENESIS_HASH
     hashes: dict[int, str] = {}
@@ -297,13 +314,13 @@ def verify_chain(
 
     last_seq = len(records)
     anchored: int | None = None
-    for checkpoint in ordered_checkpoints:
+    for checkpoint, label in labelled:
         if checkpoint.seq > last_seq:
             return ChainVerdict(
                 ok=False,
                 first_bad_seq=last_seq + 1,
                 problem=(
-                    f"checkpoint at {checkpoint.seq} names a record that is gone "
+                    f"{label} at {checkpoint.seq} names a record that is gone "
                     "(tail truncated)"
                 ),
                 checked=last_seq,
@@ -317,13 +334,27 @@ def verify_chain(
                 ok=False,
                 first_bad_seq=first_bad,
                 problem=(
-                    f"checkpoint at {checkpoint.seq} does not match record {checkpoint.seq} "
+                    f"{label} at {checkpoint.seq} does not match record {checkpoint.seq} "
                     f"(records {first_bad} to {checkpoint.seq} were rewritten)"
                 ),
                 checked=first_bad - 1,
                 last_checkpoint_seq=anchored,
             )
         anchored = checkpoint.seq
+    if every is not None and not checkpoints and last_seq > every:
+        # The gateway signs once ``every`` records have passed (it looks every few seconds) and at
+        # every shutdown, so a trail this long has had a checkpoint: the registry's were deleted.
+        # The one innocent cause is a gateway killed before its first look, after a burst.
+        return ChainVerdict(
+            ok=False,
+            first_bad_seq=1,
+            problem=(
+                f"no checkpoint, yet the trail holds {last_seq} records and the gateway signs "
+                f"every {every} (checkpoints deleted)"
+            ),
+            checked=0,
+            last_checkpoint_seq=anchored,
+        )
     return ChainVerdict(
         ok=True, first_bad_seq=None, problem="", checked=last_seq, last_checkpoint_seq=anchored
     )
