@@ -12,7 +12,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,17 @@ class CaSettings:
     key_type: KeyType = KeyType.P256
     root_lifetime_days: int = 3650
     issuing_lifetime_days: int = 180
+    # The CRL's nextUpdate: a broker refuses every certificate once it has passed, so the
+    # gateway re-signs it well before (every quarter of this, at most hourly).
+    crl_validity_hours: int = 24
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.crl_validity_hours <= 24 * 30:
+            raise ValueError("crl_validity_hours must be between 1 and 720")
+
+    @property
+    def crl_validity(self) -> timedelta:
+        return timedelta(hours=self.crl_validity_hours)
 
 
 @dataclass(frozen=True)
@@ -250,11 +261,7 @@ def parse_settings(home: Path, data: Mapping[str, Any]) -> Settings:
             raise ConfigError(f"unknown setting {key}")
     if "ca" in top:
         try:
-            top["ca"] = CaSettings(
-                key_type=KeyType(top["ca"].key_type),
-                root_lifetime_days=top["ca"].root_lifetime_days,
-                issuing_lifetime_days=top["ca"].issuing_lifetime_days,
-            )
+            top["ca"] = replace(top["ca"], key_type=KeyType(top["ca"].key_type))
         except ValueError:
             raise ConfigError(
                 f"ca.key_type must be one of {', '.join(k.value for k in KeyType)}"
@@ -302,6 +309,7 @@ audit_checkpoint_every = 100                          # sign the audit chain hea
 key_type = "{key_type.value}"                          # p256 | p384 | ed25519
 root_lifetime_days = 3650
 issuing_lifetime_days = 180
+crl_validity_hours = 24        # the CRL's nextUpdate; re-signed every quarter of it
 
 [certificates]
 lifetime_seconds = 3600        # operational certificates: 60 s to days

@@ -69,9 +69,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 BROKER_CERT_LIFETIME = timedelta(days=7)
-# An expired CRL makes the TLS stack refuse every client: it is re-signed every hour, a day
-# before it would lapse.
-CRL_VALIDITY = timedelta(days=1)
+# An expired CRL makes the TLS stack refuse every client: it is re-signed every quarter of
+# its validity ([ca] crl_validity_hours), at most every hour, long before it would lapse.
 CRL_REFRESH_SECONDS = 3600.0
 CHANGE_POLL_SECONDS = 0.2
 TRUST_REFRESH_SECONDS = 1.0
@@ -339,8 +338,12 @@ class Gateway:
         ]
         # CRLNumber must grow with every CRL: milliseconds keep two CRLs in one second apart.
         number = int(self.clock.now().timestamp() * 1000)
-        crl = build_crl(self.issuing, entries, self.clock, CRL_VALIDITY, number)
+        crl = build_crl(self.issuing, entries, self.clock, self.settings.ca.crl_validity, number)
         return crl.public_bytes(Encoding.PEM)
+
+    @property
+    def crl_refresh_seconds(self) -> float:
+        return min(CRL_REFRESH_SECONDS, self.settings.ca.crl_validity.total_seconds() / 4)
 
     def ca_chain_pem(self) -> bytes:
         return pem(self.issuing.certificate) + pem(self.root_certificate)
@@ -569,7 +572,9 @@ class Gateway:
         self._tasks = [
             asyncio.create_task(self._every(CHANGE_POLL_SECONDS, self._sync_states)),
             asyncio.create_task(self._every(CHECKPOINT_SECONDS, self.audit.maybe_checkpoint)),
-            asyncio.create_task(self._every(CRL_REFRESH_SECONDS, self._refresh_crl_if_leading)),
+            asyncio.create_task(
+                self._every(self.crl_refresh_seconds, self._refresh_crl_if_leading)
+            ),
             asyncio.create_task(self._every(TRUST_REFRESH_SECONDS, self._reload_trust)),
             asyncio.create_task(self._every(EVALUATE_SECONDS, self._evaluate_behaviour)),
             asyncio.create_task(self._every(REFUSAL_FLUSH_SECONDS, self._flush_refusals_if_any)),

@@ -37,7 +37,7 @@ from gateway.config import Settings
 from gateway.mosquitto import MosquittoBroker, MosquittoError, needs_refresh
 from gateway.mosquitto.files import write_atomic
 from gateway.protocol import topics
-from gateway.service import BROKER_CERT_LIFETIME, CRL_VALIDITY, Gateway
+from gateway.service import BROKER_CERT_LIFETIME, Gateway
 from gateway.transport import BrokerAddress, Message, MqttTransport, Route
 
 __all__ = ["BrokerKeeper", "crl_number"]
@@ -228,7 +228,9 @@ class BrokerKeeper:
             except Exception:
                 log.exception("could not refresh the broker's CRL")
 
-    async def refresh_crl_if_due(self, margin: timedelta = CRL_VALIDITY / 4) -> bool:
+    async def refresh_crl_if_due(self, margin: timedelta | None = None) -> bool:
+        if margin is None:
+            margin = self._source.settings.ca.crl_validity / 4
         if not needs_refresh(self._crl_pem, self._source.clock.now(), margin):
             return False
         pem = await asyncio.get_running_loop().run_in_executor(None, self._source.crl_pem)

@@ -38,6 +38,8 @@ def test_the_file_init_writes_loads_with_its_values() -> None:
         ({"policy": {"denied_birth_fingerprints": "abc"}}, "denied_birth_fingerprints"),
         ({"trust_domain": "UPPER case"}, "trust_domain"),
         ({"audit_checkpoint_every": 0}, "audit_checkpoint_every"),
+        ({"ca": {"crl_validity_hours": 0}}, "crl_validity_hours"),
+        ({"ca": {"crl_validity_hours": 24 * 31}}, "crl_validity_hours"),
     ],
 )
 def test_a_bad_setting_is_named(data: dict, names: str) -> None:
