@@ -33,6 +33,7 @@ from simulators.factory import FIRMWARE_DIGEST, FIRMWARE_VERSION, trust_factory
 from simulators.tls import mutual_context, server_auth_context
 
 FLEETGATE = [sys.executable, "-m", "gateway.cli"]
+RUNNING_LINE = b"Fleetgate running"  # what `fleetgate run` prints once it serves
 FIRMWARE = Firmware(version=FIRMWARE_VERSION, digest=FIRMWARE_DIGEST)
 
 
@@ -84,6 +85,11 @@ class GatewayProcess:
         self.runs = 0
         self.exit_codes: list[int] = []
         self.logs: list[Path] = []
+        # time.monotonic() of each start(), each run found serving, and each kill(): how long
+        # the gateway itself took to come back, apart from how long devices took to return
+        self.started_at: list[float] = []
+        self.serving_at: list[float] = []
+        self.killed_at: list[float] = []
 
     def start(self, *, fault: str | None = None, env: dict[str, str] | None = None) -> None:
         assert self.process is None or self.process.poll() is not None, "already running"
@@ -98,23 +104,34 @@ class GatewayProcess:
         if self.verbose:
             arguments.append("--verbose")
         with log.open("wb") as output:
+            self.started_at.append(time.monotonic())
             self.process = subprocess.Popen(
                 arguments, stdout=output, stderr=subprocess.STDOUT, env=environment
             )
 
     def wait_ready(self, seconds: float = 30.0) -> None:
+        """Until this run serves: its operational port accepts connections and it has said
+        "Fleetgate running" (printed once its transport is subscribed and the CA chain is
+        published, i.e. it answers requests). Records the moment in ``serving_at``."""
         port = self.settings.broker.operational_port
         end = time.monotonic() + seconds
+        listening = False
         while time.monotonic() < end:
             assert self.process is not None
             if self.process.poll() is not None:
                 raise AssertionError(f"gateway exited while starting:\n{self.output()}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError(f"gateway not listening on {port}:\n{self.output()}")
+            if not listening:
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                        listening = True
+                except OSError:
+                    pass
+            if listening and RUNNING_LINE in self.logs[-1].read_bytes():
+                self.serving_at.append(time.monotonic())
+                return
+            time.sleep(0.02)
+        what = "saying it runs" if listening else f"listening on {port}"
+        raise AssertionError(f"gateway not {what}:\n{self.output()}")
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -132,6 +149,7 @@ class GatewayProcess:
         """SIGKILL by pid: the gateway gets no chance to clean up."""
         assert self.process is not None
         self.process.send_signal(signal.SIGKILL)
+        self.killed_at.append(time.monotonic())
         self.process.wait(timeout=10)
         self.reap()
 

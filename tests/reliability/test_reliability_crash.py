@@ -131,6 +131,16 @@ async def test_gateway_and_embedded_broker_killed_under_load_lose_no_enrollment(
         tmp_path, fault=None, kill_after_certificates=DEVICES
     )
     assert process.exit_codes == [-9, 0], process.output()
+    # Back within 5 s of the kill: measured from the SIGKILL to the new process serving, its
+    # own start, not to the devices' return, which follows their jittered backoff.
+    (killed_at,) = process.killed_at
+    _, restarted_at = process.started_at
+    _, serving_again_at = process.serving_at
+    back_after = serving_again_at - killed_at
+    assert back_after < 5.0, (
+        f"gateway serving {back_after:.2f} s after the kill "
+        f"(its start took {serving_again_at - restarted_at:.2f} s)"
+    )
     check_promises(process, runs)
     # Every device lost its connection and came back, each after its own jittered wait.
     reconnected = [run for run in runs if run.reconnects]
