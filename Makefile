@@ -7,6 +7,8 @@ STAMP  := $(VENV)/.installed
 .PHONY: demo test lint venv clean
 
 $(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || { \
+		echo "$(PYTHON) cannot create a virtualenv: on Debian, apt install python3-venv"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
@@ -22,8 +24,12 @@ lint: $(STAMP)
 	$(BIN)/mypy pki
 	$(BIN)/mypy gateway simulators console
 
+# pytest exits 5 when it collected no test: a broken suite, not a pass (make would report any
+# failing exit as 2, so the check lives here rather than in the caller).
 test: lint
-	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	@QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: a broken suite, not a pass"; exit 1; fi; \
+	exit $$rc
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
