@@ -3,6 +3,7 @@ huge selection, and the attention panel's wording."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import pytest
@@ -69,6 +70,30 @@ def test_the_header_does_not_walk_a_large_selection(qtbot) -> None:
     CountingModel.calls = 0
     view.horizontalHeader().viewport().repaint()
     assert CountingModel.calls < 500
+
+
+@pytest.mark.skipif(
+    sys.version_info >= (3, 12), reason="None is immortal from Python 3.12: its count never falls"
+)
+def test_repainting_the_table_does_not_use_up_references_to_none(qtbot: Any) -> None:
+    """PySide6 6.12.0 on Python 3.11 drops a reference to None on every Qt call that returns
+    nothing (QPainter.save, setPen...); the badge delegate and the header make such calls on
+    every repaint, so an idle console aborted after minutes ("none_dealloc")."""
+    model = FleetTableModel()
+    view = FleetTableView()
+    qtbot.addWidget(view)
+    view.setModel(model)
+    model.set_rows(synthetic_rows(200, NOW))
+    view.resize(1000, 500)
+    view.show()
+    QApplication.processEvents()
+    view.viewport().repaint()  # anything painted once for good (caches) is in place first
+    before = sys.getrefcount(None)
+    for _ in range(200):
+        view.viewport().repaint()
+        view.horizontalHeader().viewport().repaint()
+    # 200 repaints of ~20 badges and 8 header sections: a leak would lose thousands.
+    assert sys.getrefcount(None) >= before
 
 
 @pytest.mark.parametrize(
