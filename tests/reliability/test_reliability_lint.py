@@ -2,16 +2,8 @@
 CAs, device, operator and broker leaves (for every CA key type and every accepted leaf key),
 birth certificates of the simulated factory, issuer/subject chains, and the CRL.
 
-Two findings are known false positives and are checked by other means instead:
-
-- ``pkix.invalid_uri_syntax`` on our SPIFFE ids: pkilint delegates URIs to the ``validators``
-  package, which accepts only the http, https and ftp schemes; a ``spiffe://`` URI is a valid
-  RFC 3986 URI, and ``pki.profile.parse_spiffe_id`` checks it here.
-- ``pkix.invalid_domain_name_syntax`` on ``localhost``: ``validators.domain`` demands a TLD,
-  but a single-label name is valid DNS syntax (RFC 1034 section 3.5); the broker's certificate
-  names ``localhost`` because devices on the edge box connect to it by that name.
-
-INFO findings (pkilint identifying how a key identifier was computed) are not problems.
+The lints and the two known false positives they set aside are in ``lint_support``; the
+certificates a PKCS#11 token signs are linted in test_reliability_pkcs11.py.
 """
 
 from __future__ import annotations
@@ -24,7 +16,6 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.hazmat.primitives.serialization import Encoding
 from reliability_support import make_home
 
 from gateway.enrollment.testing import LoopbackGateway, build_enroll
@@ -36,109 +27,11 @@ from pki.crl import RevokedEntry, build_crl
 from pki.factory import FactoryCA
 from pki.issue import Issuer
 from pki.keys import KeyType, LocalSigner
-from pki.profile import IdentityKind, LeafTemplate, parse_spiffe_id
+from pki.profile import IdentityKind, LeafTemplate
 
 pytest.importorskip("pkilint", reason="pkilint is not installed")
 
-from pkilint import loader, validation
-from pkilint.bin import lint_pkix_signer_signee_cert_chain as chain_lint
-from pkilint.pkix import (
-    certificate,
-    create_attribute_decoder,
-    create_extension_decoder,
-    crl,
-    extension,
-    name,
-)
-
-Severity = validation.ValidationFindingSeverity
-
-
-@dataclass(frozen=True)
-class Finding:
-    code: str
-    severity: Severity
-    message: str | None
-    path: str
-
-
-def _certificate_linter() -> validation.ValidatorContainer:
-    return certificate.create_pkix_certificate_validator_container(
-        certificate.create_decoding_validators(
-            name.ATTRIBUTE_TYPE_MAPPINGS, extension.EXTENSION_MAPPINGS
-        ),
-        [
-            certificate.create_issuer_validator_container([]),
-            certificate.create_validity_validator_container(),
-            certificate.create_subject_validator_container([]),
-            certificate.create_extensions_validator_container([]),
-            certificate.create_spki_validator_container([]),
-        ],
-    )
-
-
-def _crl_linter() -> validation.ValidatorContainer:
-    return crl.create_pkix_crl_validator_container(
-        [
-            create_attribute_decoder(name.ATTRIBUTE_TYPE_MAPPINGS),
-            create_extension_decoder(extension.EXTENSION_MAPPINGS),
-        ],
-        [
-            crl.create_issuer_validator_container([]),
-            crl.create_validity_validator_container([]),
-            crl.create_extensions_validator_container([]),
-        ],
-    )
-
-
-CERTIFICATE_LINTER = _certificate_linter()
-
-
-def findings_of(results: list[validation.ValidationResult]) -> list[Finding]:
-    return [
-        Finding(d.finding.code, d.finding.severity, d.message, str(r.node.path))
-        for r in results
-        for d in r.finding_descriptions
-    ]
-
-
-def problems(found: list[Finding]) -> list[Finding]:
-    """Findings that are real: everything above INFO but the two documented false positives,
-    each re-checked by a stricter test of ours."""
-    real = []
-    for finding in found:
-        if finding.severity is Severity.INFO:
-            continue
-        value = (finding.message or "").split('"')[1] if '"' in (finding.message or "") else ""
-        if finding.code == "pkix.invalid_uri_syntax" and value.startswith("spiffe://"):
-            parse_spiffe_id(value)  # raises if it is not one of ours
-            continue
-        if finding.code == "pkix.invalid_domain_name_syntax" and value == "localhost":
-            continue
-        real.append(finding)
-    return real
-
-
-def lint(cert: x509.Certificate) -> list[Finding]:
-    document = loader.RFC5280CertificateDocumentLoader().load_der_document(
-        cert.public_bytes(Encoding.DER), "certificate"
-    )
-    return problems(findings_of(CERTIFICATE_LINTER.validate(document.root)))
-
-
-def lint_chain(issuer: x509.Certificate, subject: x509.Certificate) -> list[Finding]:
-    documents: dict[str, object] = {}
-    certificates = loader.RFC5280CertificateDocumentLoader()
-    for label, cert in (("issuer", issuer), ("subject", subject)):
-        documents[label] = certificates.load_der_document(
-            cert.public_bytes(Encoding.DER), label, label, documents
-        )
-    issuer_doc, subject_doc = documents["issuer"], documents["subject"]
-    results = chain_lint.create_decoder_validation_container().validate(issuer_doc.root)  # type: ignore[attr-defined]
-    results += chain_lint.create_decoder_validation_container().validate(subject_doc.root)  # type: ignore[attr-defined]
-    results += chain_lint.create_issuer_validation_container().validate(issuer_doc.root)  # type: ignore[attr-defined]
-    results += chain_lint.create_subject_validation_container().validate(subject_doc.root)  # type: ignore[attr-defined]
-    return problems(findings_of(results))
+from lint_support import lint, lint_chain, lint_crl
 
 
 @dataclass(frozen=True)
@@ -203,10 +96,7 @@ def test_the_crl_passes_the_lint(issued: Issued) -> None:
     clock = FakeClock()
     revoked = [RevokedEntry(serial, clock.now()) for serial in (1, 2**158 + 5)]
     signed = build_crl(issued.issuing, revoked, clock, timedelta(days=1), 42)
-    document = loader.RFC5280CertificateListDocumentLoader().load_der_document(
-        signed.public_bytes(Encoding.DER), "crl"
-    )
-    assert problems(findings_of(_crl_linter().validate(document.root))) == []
+    assert lint_crl(signed) == []
 
 
 def test_the_certificate_a_device_receives_passes_the_lint() -> None:

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from cryptography import x509
@@ -40,6 +41,15 @@ MODULE_CANDIDATES = (
 LABEL = "fleetgate-test"
 PIN = "483920-user"
 SO_PIN = "771204-so"
+
+
+def pkilint() -> ModuleType:
+    """``lint_support``: the RFC 5280 lints test_reliability_lint.py runs on every certificate
+    we issue. Where pkilint is not installed the calling test skips, after its own checks."""
+    pytest.importorskip("pkilint", reason="pkilint is not installed")
+    import lint_support
+
+    return lint_support
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +122,11 @@ def test_a_leaf_issued_with_the_token_key_verifies_up_to_the_root(hierarchy: tup
     )
     verified = verifier.verify(leaf, [issuing.certificate])
     assert verified.chain == [leaf, issuing.certificate, root.certificate]
+    # The token signs a TBS that cryptography built; the certificate around it is reassembled
+    # by hand (keystore_pkcs11._resign), so it gets the same RFC 5280 lint as every other.
+    lints = pkilint()
+    assert lints.lint(leaf) == []
+    assert lints.lint_chain(issuing.certificate, leaf) == []
 
 
 def test_a_root_can_live_in_the_token_too(token: Pkcs11KeyStore) -> None:
@@ -120,6 +135,10 @@ def test_a_root_can_live_in_the_token_too(token: Pkcs11KeyStore) -> None:
     root.certificate.verify_directly_issued_by(root.certificate)
     issuing = create_issuing_ca(root, LocalSigner.generate(), "Fleetgate Issuing", clock)
     issuing.certificate.verify_directly_issued_by(root.certificate)
+    lints = pkilint()
+    assert lints.lint(root.certificate) == [] and lints.lint(issuing.certificate) == []
+    assert lints.lint_chain(root.certificate, root.certificate) == []
+    assert lints.lint_chain(root.certificate, issuing.certificate) == []
 
 
 def test_a_crl_signed_in_the_token_verifies(hierarchy: tuple) -> None:
@@ -127,6 +146,7 @@ def test_a_crl_signed_in_the_token_verifies(hierarchy: tuple) -> None:
     crl = build_crl(issuing, [RevokedEntry(4711, clock.now())], clock, timedelta(days=1), 7)
     assert crl.is_signature_valid(issuing.certificate.public_key())
     assert crl.get_revoked_certificate_by_serial_number(4711) is not None
+    assert pkilint().lint_crl(crl) == []
 
 
 def test_a_device_enrolls_against_a_token_backed_ca(hierarchy: tuple) -> None:
