@@ -48,6 +48,9 @@ ATTENTION_REFRESH_MS = 15_000
 # A burst of certificate_issued events (a fleet powering on) causes one reload, not hundreds.
 RELOAD_DELAY_MS = 500
 DETAIL_DELAY_MS = 150
+# The whole fleet in one answer: 100k identities take a few seconds to list (longer right after
+# the gateway starts, or on a busy registry), well past the bridge's default for small requests.
+FLEET_TIMEOUT = 60.0
 SETTINGS_ORGANISATION = "Fleetgate"
 SETTINGS_APPLICATION = "console"
 
@@ -322,7 +325,13 @@ class MainWindow(QMainWindow):
             self._reload_again = True
             return
         self._loading_fleet = True
-        self.bridge.request("list_identities", {}, self._fleet_loaded, prepare=_parse_fleet)
+        self.bridge.request(
+            "list_identities",
+            {},
+            self._fleet_loaded,
+            timeout=FLEET_TIMEOUT,
+            prepare=_parse_fleet,
+        )
 
     def _fleet_loaded(self, result: Result, failure: Failure) -> None:
         self._loading_fleet = False

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -233,8 +233,9 @@ class AdminService:
         return {"operator": caller.name, "role": caller.role.value}
 
     def _rows(
-        self, records: Iterable[IdentityRecord], connected: frozenset[str]
+        self, records: Sequence[IdentityRecord], connected: frozenset[str]
     ) -> list[dict[str, Any]]:
+        self._certificates.refresh(records)
         return [
             views.identity_row(
                 record,
@@ -329,9 +330,9 @@ class AdminService:
         now = self._clock.now()
         devices = sorted(self._store.list_identities(kind=IdentityKind.DEVICE), key=lambda r: r.id)
         expiring: list[tuple[datetime, str]] = []
-        for record in devices:
-            if record.state is not IdentityState.ACTIVE:
-                continue
+        active = [r for r in devices if r.state is IdentityState.ACTIVE]
+        self._certificates.refresh(active)
+        for record in active:
             cert = self._certificates(record)
             if cert is None:
                 continue

@@ -37,6 +37,7 @@ class ScriptedClient:
     on_event: Callable[[dict[str, Any]], None]
     on_connection: Callable[[str], None]
     requests: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    timeouts: dict[str, float] = field(default_factory=dict)  # the last one asked, by op
     started: bool = False
 
     def start(self) -> None:
@@ -55,6 +56,7 @@ class ScriptedClient:
         timeout: float = 10.0,
     ) -> None:
         self.requests.append((op, dict(args or {})))
+        self.timeouts[op] = timeout
 
         def answer() -> None:
             assert callback is not None

@@ -11,6 +11,7 @@ from console_support import NOW, ScriptedError, wire_row
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QApplication
 
+from console.bridge import DEFAULT_TIMEOUT
 from console.models import COL_FIRMWARE
 from console.rows import DeviceRow
 from console.window import ACTIONS, MainWindow, shortcut_list, user_settings
@@ -35,6 +36,13 @@ def test_the_table_fills_and_the_status_bar_shows_the_connection(scripted_consol
     assert window.fleet.count_label.text() == "40 shown of 40"
     assert "connected" in window.connection_label.text()
     assert [op for op, _ in console.client.requests][:1] == ["list_identities"]
+
+
+def test_the_fleet_is_given_longer_than_small_requests_to_arrive(scripted_console) -> None:
+    """100k identities take seconds to list; the bridge's default would fail the first load."""
+    console = scripted_console()
+    assert console.client.timeouts["list_identities"] > DEFAULT_TIMEOUT
+    assert console.client.timeouts["whoami"] == DEFAULT_TIMEOUT
 
 
 def test_an_action_confirms_every_selected_id_then_shows_each_result(
