@@ -18,18 +18,46 @@ from pathlib import Path
 from typing import Any
 
 from gateway.anomaly.settings import AnomalySettings, AnomalySettingsError
+from gateway.enrollment.policy import MAX_CERT_LIFETIME, MAX_PENDING_RETRY_AFTER
 from pki.keys import KeyType
-from pki.profile import IDENTITY_NAME_PATTERN
+from pki.profile import IDENTITY_NAME_PATTERN, MIN_LEAF_LIFETIME, check_trust_domain
 
 CONFIG_NAME = "fleetgate.toml"
 HOME_ENV = "FLEETGATE_HOME"
 PASSPHRASE_ENV = "FLEETGATE_PASSPHRASE"
 DATABASE_ENV = "FLEETGATE_DATABASE_URL"
-MIN_CERT_LIFETIME = 60
+
+# The bounds EnrollmentPolicy enforces (gateway/enrollment/policy.py), checked here as well so
+# a bad value is a ConfigError naming its key when the file is read, not a ValueError from
+# deep inside the gateway when it starts (tests/gateway/test_config.py holds them together).
+MIN_CERT_LIFETIME = int(MIN_LEAF_LIFETIME.total_seconds())
+MAX_CERT_LIFETIME_SECONDS = int(MAX_CERT_LIFETIME.total_seconds())
+NONCE_TTL_BOUNDS = (5, 3600)
+CLOCK_SKEW_BOUNDS = (0, 86400)
+PENDING_RETRY_BOUNDS = (1, MAX_PENDING_RETRY_AFTER)
+# A CA outliving a century is a mistake, and certificate dates stop at the year 9999.
+MAX_CA_LIFETIME_DAYS = 36500
+CRL_VALIDITY_BOUNDS = (1, 24 * 30)
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_DATABASE_URL = re.compile(r"(sqlite|postgresql(\+psycopg)?)://.*", re.DOTALL)
 
 
 class ConfigError(ValueError):
     """A setting is missing, of the wrong type or out of range."""
+
+
+def _within(key: str, value: float, low: float, high: float, unit: str = "") -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{key} must lie between {low} and {high}{unit}, got {value}")
+
+
+def check_database_url(url: str, where: str = "database_url") -> str:
+    """A registry URL the gateway can open: sqlite:///PATH or postgresql://USER@HOST/DB."""
+    if _DATABASE_URL.fullmatch(url) is None:
+        raise ConfigError(
+            f"{where} must be sqlite:///PATH or postgresql://USER@HOST/DB, got {url!r}"
+        )
+    return url
 
 
 def default_home() -> Path:
@@ -46,8 +74,16 @@ class CaSettings:
     crl_validity_hours: int = 24
 
     def __post_init__(self) -> None:
-        if not 1 <= self.crl_validity_hours <= 24 * 30:
-            raise ValueError("crl_validity_hours must be between 1 and 720")
+        _within("ca.root_lifetime_days", self.root_lifetime_days, 1, MAX_CA_LIFETIME_DAYS)
+        # an issuing CA cannot outlive its root: a longer lifetime would be cut short silently
+        _within(
+            "ca.issuing_lifetime_days",
+            self.issuing_lifetime_days,
+            1,
+            self.root_lifetime_days,
+            " (ca.root_lifetime_days)",
+        )
+        _within("ca.crl_validity_hours", self.crl_validity_hours, *CRL_VALIDITY_BOUNDS)
 
     @property
     def crl_validity(self) -> timedelta:
@@ -61,15 +97,15 @@ class CertificateSettings:
     renew_jitter: float = 0.05
 
     def __post_init__(self) -> None:
-        if self.lifetime_seconds < MIN_CERT_LIFETIME:
-            raise ConfigError(
-                f"certificates.lifetime_seconds must be >= {MIN_CERT_LIFETIME}, "
-                f"got {self.lifetime_seconds}"
-            )
-        if not 0.1 <= self.renew_fraction <= 0.95:
-            raise ConfigError("certificates.renew_fraction must lie between 0.1 and 0.95")
-        if not 0 <= self.renew_jitter <= 0.2:
-            raise ConfigError("certificates.renew_jitter must lie between 0 and 0.2")
+        _within(
+            "certificates.lifetime_seconds",
+            self.lifetime_seconds,
+            MIN_CERT_LIFETIME,
+            MAX_CERT_LIFETIME_SECONDS,
+            " (1 minute to 30 days)",
+        )
+        _within("certificates.renew_fraction", self.renew_fraction, 0.1, 0.95)
+        _within("certificates.renew_jitter", self.renew_jitter, 0, 0.2)
 
     @property
     def lifetime(self) -> timedelta:
@@ -86,10 +122,17 @@ class BrokerSettings:
     def __post_init__(self) -> None:
         if self.kind not in ("embedded", "mosquitto"):
             raise ConfigError(f"broker.kind must be 'embedded' or 'mosquitto', got {self.kind!r}")
+        if not self.host.strip():
+            raise ConfigError("broker.host must name an address to listen on")
         for name in ("enrollment_port", "operational_port"):
             port = getattr(self, name)
             if not 0 <= port <= 65535:
-                raise ConfigError(f"broker.{name} must be a TCP port, got {port}")
+                raise ConfigError(f"broker.{name} must be a TCP port (0-65535), got {port}")
+        if self.enrollment_port == self.operational_port != 0:
+            raise ConfigError(
+                "broker.enrollment_port and broker.operational_port must differ, both are "
+                f"{self.enrollment_port}"
+            )
 
 
 @dataclass(frozen=True)
@@ -99,11 +142,25 @@ class EnrollmentSettings:
     pending_retry_after: int = 10
     require_known_firmware: bool = False
 
+    def __post_init__(self) -> None:
+        _within("enrollment.nonce_ttl_seconds", self.nonce_ttl_seconds, *NONCE_TTL_BOUNDS)
+        _within(
+            "enrollment.max_clock_skew_seconds", self.max_clock_skew_seconds, *CLOCK_SKEW_BOUNDS
+        )
+        _within(
+            "enrollment.pending_retry_after", self.pending_retry_after, *PENDING_RETRY_BOUNDS
+        )
+
 
 @dataclass(frozen=True)
 class ApprovalRuleSettings:
     manufacturer: str = "*"
     model: str = "*"
+
+    def __post_init__(self) -> None:
+        for name in ("manufacturer", "model"):
+            if not getattr(self, name):
+                raise ConfigError(f"policy.auto_approve.{name} must not be empty (use '*')")
 
 
 @dataclass(frozen=True)
@@ -160,6 +217,11 @@ class Settings:
             raise ConfigError(
                 f"no passphrase: set ${PASSPHRASE_ENV} or create {path}"
             ) from None
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read the passphrase file {path} (passphrase_file): "
+                f"{exc.strerror or exc}"
+            ) from None
 
 
 def passphrase_from_environment() -> bytes | None:
@@ -210,12 +272,21 @@ def _policy(data: Mapping[str, Any]) -> PolicySettings:
     ):
         raise ConfigError("policy.firmware must map a model to a list of sha256 hex digests")
     for model, digests in firmware.items():
+        if not model:
+            raise ConfigError("policy.firmware: a model name must not be empty")
         for digest in digests:
-            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-                raise ConfigError(f"policy.firmware.{model}: {digest!r} is not a sha256 hex digest")
+            if _SHA256_HEX.fullmatch(digest) is None:
+                raise ConfigError(
+                    f"policy.firmware.{model}: {digest!r} is not a lower-case sha256 hex digest"
+                )
     denied = data.get("denied_birth_fingerprints", [])
     if not isinstance(denied, list) or not all(isinstance(d, str) for d in denied):
         raise ConfigError("policy.denied_birth_fingerprints must be a list of strings")
+    for fingerprint in denied:
+        if _SHA256_HEX.fullmatch(fingerprint.lower()) is None:
+            raise ConfigError(
+                f"policy.denied_birth_fingerprints: {fingerprint!r} is not a sha256 hex digest"
+            )
     return PolicySettings(
         auto_approve=tuple(
             _build(ApprovalRuleSettings, r, "policy.auto_approve.") for r in rules
@@ -252,6 +323,10 @@ def parse_settings(home: Path, data: Mapping[str, Any]) -> Settings:
         elif key in ("trust_domain", "database_url", "passphrase_file"):
             if not isinstance(value, str):
                 raise ConfigError(f"{key} must be a string")
+            if key == "database_url" and value:
+                check_database_url(value)
+            if key == "passphrase_file" and not value.strip():
+                raise ConfigError("passphrase_file must name a file (or leave it out)")
             top[key] = value
         elif key == "audit_checkpoint_every":
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -272,8 +347,11 @@ def parse_settings(home: Path, data: Mapping[str, Any]) -> Settings:
 
 
 def _check_trust_domain(name: str) -> None:
-    if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?", name):
-        raise ConfigError(f"trust_domain {name!r} must be a lower-case DNS-style name")
+    # the rule the certificates themselves follow (SPIFFE: lower-case DNS labels)
+    try:
+        check_trust_domain(name)
+    except ValueError:
+        raise ConfigError(f"trust_domain {name!r} must be a lower-case DNS-style name") from None
 
 
 def load_settings(home: Path) -> Settings:
@@ -312,7 +390,7 @@ issuing_lifetime_days = 180
 crl_validity_hours = 24        # the CRL's nextUpdate; re-signed every quarter of it
 
 [certificates]
-lifetime_seconds = 3600        # operational certificates: 60 s to days
+lifetime_seconds = 3600        # operational certificates: 60 s to 30 days
 renew_fraction = 0.6667        # devices renew at about 2/3 of the lifetime
 renew_jitter = 0.05            # +- 5% of the lifetime, so a fleet does not renew in one burst
 
@@ -323,9 +401,9 @@ enrollment_port = 8883         # server-authenticated TLS; devices enroll here
 operational_port = 8884        # mutual TLS with the certificates we issue
 
 [enrollment]
-nonce_ttl_seconds = 60
-max_clock_skew_seconds = 300
-pending_retry_after = 10
+nonce_ttl_seconds = 60         # how long a challenge stays valid: 5 s to 1 h
+max_clock_skew_seconds = 300   # device clock error tolerated: 0 to 1 day
+pending_retry_after = 10       # seconds a pending device waits before asking again: 1 to 3600
 require_known_firmware = false # true: a model without a firmware allow-list is refused
 
 [anomaly]

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
-from typing import Annotated
+import socket
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.logging import RichHandler
@@ -21,9 +25,24 @@ from gateway.cli.common import (
     settings_for,
 )
 from gateway.collector import CollectorPolicy
-from gateway.config import DATABASE_ENV, ConfigError, load_settings, passphrase_from_environment
+from gateway.config import (
+    CONFIG_NAME,
+    DATABASE_ENV,
+    ConfigError,
+    Settings,
+    check_database_url,
+    load_settings,
+    passphrase_from_environment,
+)
 from gateway.home import HomeExistsError, init_home, is_initialised
 from pki.errors import KeyStoreError
+
+if TYPE_CHECKING:
+    from gateway.cluster import ClusterMember
+    from gateway.service import Gateway
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _logging(verbose: bool) -> None:
@@ -33,7 +52,8 @@ def _logging(verbose: bool) -> None:
         handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=True)],
     )
     # amqtt narrates every packet at INFO; the gateway's own lines are what an operator needs.
-    for noisy in ("amqtt", "transitions"):
+    # alembic narrates its plugins and the schema check at every start.
+    for noisy in ("amqtt", "transitions", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # aiomqtt warns at every publish while more than 10 await their PUBACK, which a burst of
     # enrollments does by design (rendering those lines cost more CPU than the replies); lost
@@ -67,6 +87,116 @@ def _use_database(url: str | None) -> None:
         os.environ[DATABASE_ENV] = url
 
 
+def _open_gateway(
+    settings: Settings, *, broker_kind: str | None = None, cluster: ClusterMember | None = None
+) -> Gateway:
+    """The gateway built from its home, or a one-line error: a bad key, passphrase, registry
+    or setting never reaches the operator as a traceback."""
+    # imported here: `fleetgate --help` and the other commands need none of the service
+    from gateway.cluster import ClusterError
+    from gateway.service import Gateway
+    from gateway.store import StoreError
+
+    try:
+        check_database_url(settings.database, f"the registry URL (--database, ${DATABASE_ENV})")
+    except ConfigError as exc:
+        fail(str(exc))
+    try:
+        return Gateway(settings, broker_kind=broker_kind, cluster=cluster)
+    except (KeyStoreError, ConfigError) as exc:
+        fail(f"cannot open the gateway's keys: {exc}")
+    except StoreError as exc:
+        fail(f"cannot open the registry: {exc}")
+    except OSError as exc:
+        name = f" {exc.filename}" if exc.filename else ""
+        fail(f"cannot read the gateway home{name}: {exc.strerror or exc}")
+    except (ClusterError, ValueError) as exc:
+        fail(f"cannot start the gateway: {exc}")
+
+
+def _busy_ports(host: str, ports: Mapping[str, int]) -> list[str]:
+    """The names of ``ports`` (setting -> port) another process listens on now. Asked after a
+    failed start, when ours are closed again: a bind that fails with EADDRINUSE is someone
+    else's (SO_REUSEADDR, as the brokers bind, so a port in TIME_WAIT does not count)."""
+    busy = []
+    for name, port in ports.items():
+        if port == 0:
+            continue  # the system picks a free one
+        try:
+            addresses = socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+        except OSError:
+            continue
+        for family, kind, proto, _, address in addresses:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind(address)
+                except OSError as exc:
+                    if exc.errno == errno.EADDRINUSE:
+                        busy.append(name)
+                        break
+    return busy
+
+
+async def _start_or_fail(
+    start: Callable[[], Awaitable[T]],
+    stop: Callable[[], Awaitable[object]] | None,
+    host: str,
+    ports: Mapping[str, tuple[int, str]],
+) -> T:
+    """Await ``start()``; when it fails to listen, ``stop()`` what it began and say which port
+    is taken and what sets it. ``ports``: listener -> (port, the setting or option naming it)."""
+    from gateway.cluster import ClusterError
+    from gateway.mosquitto.errors import MosquittoError
+    from gateway.store import StoreError
+
+    try:
+        return await start()
+    except (OSError, MosquittoError, ClusterError, StoreError) as exc:
+        if stop is not None:
+            try:
+                await stop()
+            except Exception:  # what failed to start may not stop cleanly: the cause is exc
+                log.debug("stopping after a failed start", exc_info=True)
+        by_setting = {source: port for port, source in ports.values()}
+        busy = _busy_ports(host, by_setting)
+        if busy:
+            fail(
+                "; ".join(
+                    f"port {by_setting[source]} on {host} is already in use (set by {source})"
+                    for source in busy
+                )
+                + ": stop what listens there, or choose another port (0 lets the system pick)"
+            )
+        if isinstance(exc, MosquittoError):
+            fail(f"cannot start Mosquitto: {exc}")
+        if isinstance(exc, OSError):
+            listed = ", ".join(f"{port} ({source})" for port, source in ports.values())
+            fail(f"cannot listen on {host} ports {listed}: {exc.strerror or exc}")
+        fail(f"cannot start the gateway: {exc}")
+
+
+def _port_sources(settings: Settings, **options: int | None) -> dict[str, tuple[int, str]]:
+    """Each broker port and what set it: a command-line option when given, else its key in
+    fleetgate.toml."""
+    config = settings.home / CONFIG_NAME
+    return {
+        name: (
+            getattr(settings.broker, f"{name}_port"),
+            f"--{name}-port"
+            if options.get(name) is not None
+            else f"broker.{name}_port in {config}",
+        )
+        for name in ("enrollment", "operational")
+    }
+
+
+def _given(option: int | None, setting: int) -> int:
+    return setting if option is None else option
+
+
 def run_command(
     home: HomeOption = None,
     broker: Annotated[
@@ -90,7 +220,6 @@ def run_command(
 ) -> None:
     """Run the gateway until SIGINT or SIGTERM."""
     from gateway.cluster import ClusterError, ClusterMember
-    from gateway.service import Gateway
 
     _use_database(database)
     settings = settings_for(home)
@@ -112,11 +241,10 @@ def run_command(
     async def serve() -> None:
         stop = asyncio.Event()
         _stop_on_signals(stop)
-        try:
-            gateway = Gateway(settings, broker_kind=broker, cluster=member)
-        except (KeyStoreError, ConfigError) as exc:
-            fail(f"cannot open the gateway's keys: {exc}")
-        await gateway.start()
+        gateway = _open_gateway(settings, broker_kind=broker, cluster=member)
+        # a cluster's gateways use the ports of the broker `fleetgate broker` runs
+        sources = {} if member is not None else _port_sources(settings)
+        await _start_or_fail(gateway.start, gateway.stop, settings.broker.host, sources)
         # full garbage collections that stay short as the fleet grows (gateway.collector)
         collector = CollectorPolicy()
         collector.install(asyncio.get_running_loop())
@@ -165,7 +293,9 @@ def broker_command(
         stop = asyncio.Event()
         _stop_on_signals(stop)
         keeper = BrokerKeeper(settings, internal_port=internal_port)
-        shared = await keeper.start()
+        # keeper.start stops what it began when it fails
+        sources = _port_sources(settings)
+        shared = await _start_or_fail(keeper.start, None, settings.broker.host, sources)
         console.print(
             f"[bold green]Fleetgate broker running[/] for the gateways of {settings.home}\n"
             f"  enrollment  mqtts://{shared.host}:{shared.enrollment_port}\n"
@@ -190,13 +320,42 @@ def demo_command(
     cert_lifetime: Annotated[
         int | None, typer.Option(help="Ask for certificates this short (seconds, >= 60).")
     ] = None,
+    enrollment_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Enrollment listener port (0: any free port; default: broker.enrollment_port "
+            "in fleetgate.toml).",
+            show_default=False,
+        ),
+    ] = None,
+    operational_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Operational listener port (0: any free port; default: "
+            "broker.operational_port in fleetgate.toml).",
+            show_default=False,
+        ),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Initialise if needed, run the gateway and a simulated fleet against it."""
-    from gateway.service import Gateway
     from simulators.factory import trust_factory
     from simulators.fleet import FleetOptions, run_fleet
 
+    for option, port in (
+        ("--enrollment-port", enrollment_port),
+        ("--operational-port", operational_port),
+    ):
+        if port is not None and not 0 <= port <= 65535:
+            fail(f"{option} must be a TCP port (0-65535), not {port}")
+    if enrollment_port == operational_port and enrollment_port:
+        fail("--enrollment-port and --operational-port must differ")
+    if devices < 1:
+        fail("--devices must be at least 1")
+    if cert_lifetime is not None and cert_lifetime < 60:
+        fail("--cert-lifetime must be at least 60 seconds")
+    if duration is not None and duration <= 0:
+        fail("--duration must be more than 0 seconds")
     folder = resolve_home(home)
     if not is_initialised(folder):
         try:
@@ -207,6 +366,14 @@ def demo_command(
             console.print(f"initialised a new gateway home in {folder}")
     try:
         settings = load_settings(folder)
+        settings = replace(
+            settings,
+            broker=replace(
+                settings.broker,
+                enrollment_port=_given(enrollment_port, settings.broker.enrollment_port),
+                operational_port=_given(operational_port, settings.broker.operational_port),
+            ),
+        )
     except ConfigError as exc:
         fail(str(exc))
     factory = trust_factory(settings)
@@ -217,8 +384,9 @@ def demo_command(
     async def demo() -> dict[str, object]:
         stop = asyncio.Event()
         _stop_on_signals(stop)
-        gateway = Gateway(settings)
-        await gateway.start()
+        gateway = _open_gateway(settings)
+        sources = _port_sources(settings, enrollment=enrollment_port, operational=operational_port)
+        await _start_or_fail(gateway.start, gateway.stop, settings.broker.host, sources)
         ports = gateway.ports
         if not as_json:
             console.print(
@@ -246,7 +414,12 @@ def demo_command(
             )
         finally:
             await gateway.stop()
-        return summary.as_dict()
+        # the ports the fleet used: with 0 the system picked them
+        return {
+            **summary.as_dict(),
+            "enrollment_port": ports.enrollment,
+            "operational_port": ports.operational,
+        }
 
     result = asyncio.run(demo())
     if as_json:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
+import socket
 import sqlite3
 import stat
+import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import tomli_w
 from cryptography import x509
 from typer.testing import CliRunner
 
@@ -283,3 +288,109 @@ def test_device_show_lists_what_the_behaviour_watch_found(home: Path) -> None:
     assert "denials=3" in found["evidence"]
     code, output = fleetgate("device", "show", "th-7", "--home", str(home))
     assert code == 0 and "detections" in output and "probing" in output
+
+
+def set_broker_ports(home: Path, **ports: int) -> None:
+    config = home / "fleetgate.toml"
+    data = tomllib.loads(config.read_text())
+    data["broker"].update(ports)
+    config.write_text(tomli_w.dumps(data))
+
+
+def one_line(text: str) -> str:
+    """The output without rich's line wrapping."""
+    return " ".join(text.split())
+
+
+@pytest.fixture
+def held_port() -> Iterator[int]:
+    """A port another process listens on."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
+HAVE_MOSQUITTO = shutil.which("mosquitto") is not None or Path("/usr/sbin/mosquitto").exists()
+
+
+@pytest.mark.parametrize(
+    "broker",
+    [
+        "embedded",
+        pytest.param(
+            "mosquitto",
+            marks=pytest.mark.skipif(not HAVE_MOSQUITTO, reason="mosquitto is not installed"),
+        ),
+    ],
+)
+def test_run_on_a_busy_port_names_the_port_and_its_setting(
+    home: Path, held_port: int, broker: str
+) -> None:
+    set_broker_ports(home, enrollment_port=0, operational_port=held_port)
+    result = runner.invoke(app, ["run", "--home", str(home), "--broker", broker])
+    assert result.exit_code == 1
+    assert isinstance(result.exception, SystemExit), result.exception  # not the OSError
+    said = one_line(result.output)
+    assert f"port {held_port} on 127.0.0.1 is already in use" in said
+    assert "broker.operational_port" in said and "fleetgate.toml" in said
+    assert "broker.enrollment_port" not in said  # port 0: the system picked a free one
+
+
+def test_demo_on_a_busy_port_names_its_option(home: Path, held_port: int) -> None:
+    result = runner.invoke(
+        app,
+        ["demo", "--home", str(home), "--enrollment-port", str(held_port),
+         "--operational-port", "0", "--devices", "1", "--duration", "1"],
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert isinstance(result.exception, SystemExit), result.exception
+    said = one_line(result.output)
+    assert f"port {held_port} on 127.0.0.1 is already in use (set by --enrollment-port)" in said
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        (["--enrollment-port", "70000"], "--enrollment-port"),
+        (["--operational-port", "-1"], "--operational-port"),
+        (["--enrollment-port", "9000", "--operational-port", "9000"], "must differ"),
+        (["--devices", "0"], "--devices"),
+        (["--cert-lifetime", "30"], "--cert-lifetime"),
+    ],
+)
+def test_demo_refuses_bad_options_before_starting(
+    tmp_path: Path, options: list[str], named: str
+) -> None:
+    folder = tmp_path / "never-made"
+    code, output = fleetgate("demo", "--home", str(folder), *options)
+    assert code == 1 and named in output
+    assert not folder.exists()  # refused before initialising anything
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("certificates", "lifetime_seconds", 3_000_000),
+        ("enrollment", "nonce_ttl_seconds", 0),
+        ("enrollment", "pending_retry_after", -1),
+    ],
+)
+def test_run_and_demo_name_an_out_of_range_setting(
+    home: Path, section: str, key: str, value: int
+) -> None:
+    config = home / "fleetgate.toml"
+    data = tomllib.loads(config.read_text())
+    data[section][key] = value
+    config.write_text(tomli_w.dumps(data))
+    for command in ("run", "demo"):
+        result = runner.invoke(app, [command, "--home", str(home)])
+        assert result.exit_code == 1, (command, result.output)
+        assert isinstance(result.exception, SystemExit), (command, result.exception)
+        assert f"{section}.{key} must lie between" in one_line(result.output)
+
+
+def test_run_with_an_unreadable_registry_url_says_so(home: Path) -> None:
+    result = runner.invoke(app, ["run", "--home", str(home), "--database", "mysql://db/fleet"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert "sqlite:///PATH or postgresql://" in one_line(result.output)

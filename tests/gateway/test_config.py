@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,9 +41,32 @@ def test_the_file_init_writes_loads_with_its_values() -> None:
         ({"audit_checkpoint_every": 0}, "audit_checkpoint_every"),
         ({"ca": {"crl_validity_hours": 0}}, "crl_validity_hours"),
         ({"ca": {"crl_validity_hours": 24 * 31}}, "crl_validity_hours"),
+        ({"ca": {"root_lifetime_days": 0}}, "ca.root_lifetime_days"),
+        ({"ca": {"root_lifetime_days": 10**9}}, "ca.root_lifetime_days"),
+        ({"ca": {"issuing_lifetime_days": 4000}}, "ca.issuing_lifetime_days"),
+        ({"certificates": {"lifetime_seconds": 3_000_000}}, "certificates.lifetime_seconds"),
+        ({"certificates": {"renew_jitter": 0.5}}, "certificates.renew_jitter"),
+        ({"broker": {"host": ""}}, "broker.host"),
+        ({"broker": {"enrollment_port": -1}}, "broker.enrollment_port"),
+        ({"broker": {"enrollment_port": 9000, "operational_port": 9000}}, "operational_port"),
+        ({"enrollment": {"nonce_ttl_seconds": 0}}, "enrollment.nonce_ttl_seconds"),
+        ({"enrollment": {"nonce_ttl_seconds": 7200}}, "enrollment.nonce_ttl_seconds"),
+        ({"enrollment": {"max_clock_skew_seconds": -1}}, "enrollment.max_clock_skew_seconds"),
+        ({"enrollment": {"max_clock_skew_seconds": 90000}}, "max_clock_skew_seconds"),
+        ({"enrollment": {"pending_retry_after": -1}}, "enrollment.pending_retry_after"),
+        ({"enrollment": {"pending_retry_after": 0}}, "enrollment.pending_retry_after"),
+        ({"enrollment": {"pending_retry_after": 3601}}, "enrollment.pending_retry_after"),
+        ({"policy": {"auto_approve": [{"model": ""}]}}, "policy.auto_approve.model"),
+        ({"policy": {"firmware": {"": ["ab" * 32]}}}, "policy.firmware"),
+        ({"policy": {"firmware": {"TH-200": ["AB" * 32]}}}, "TH-200"),
+        ({"policy": {"denied_birth_fingerprints": ["not-hex"]}}, "denied_birth_fingerprints"),
+        ({"trust_domain": "plant..example"}, "trust_domain"),
+        ({"trust_domain": "plant.-x"}, "trust_domain"),
+        ({"database_url": "mysql://db/fleet"}, "database_url"),
+        ({"passphrase_file": ""}, "passphrase_file"),
     ],
 )
-def test_a_bad_setting_is_named(data: dict, names: str) -> None:
+def test_a_bad_setting_is_named(data: dict[str, Any], names: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(names)):
         parse_settings(Path("/tmp/x"), data)
 
@@ -62,3 +86,51 @@ def test_the_database_url_comes_from_the_environment_first(
     assert settings.database == f"sqlite:///{(tmp_path / 'registry.db').resolve()}"
     monkeypatch.setenv("FLEETGATE_DATABASE_URL", "postgresql://db/fleet")
     assert settings.database == "postgresql://db/fleet"
+
+
+# (section, key, lowest accepted, highest accepted, the EnrollmentPolicy field it becomes)
+POLICY_BOUNDS = [
+    ("certificates", "lifetime_seconds", 60, 30 * 86400, "cert_lifetime"),
+    ("certificates", "renew_fraction", 0.1, 0.95, "renew_fraction"),
+    ("certificates", "renew_jitter", 0.0, 0.2, "renew_jitter"),
+    ("enrollment", "nonce_ttl_seconds", 5, 3600, "nonce_ttl"),
+    ("enrollment", "max_clock_skew_seconds", 0, 86400, "max_clock_skew"),
+    ("enrollment", "pending_retry_after", 1, 3600, "pending_retry_after"),
+]
+
+
+@pytest.mark.parametrize(("section", "key", "low", "high", "field"), POLICY_BOUNDS)
+def test_the_settings_accept_exactly_what_the_enrollment_policy_accepts(
+    section: str, key: str, low: float, high: float, field: str
+) -> None:
+    """A value the file accepts never makes the gateway fail at start, and a value the
+    gateway would refuse is refused when the file is read, naming its key."""
+    from datetime import timedelta
+
+    from gateway.enrollment import EnrollmentPolicy
+    from gateway.service import policy_from_settings
+
+    step = 1 if isinstance(low, int) else 0.01
+    for value in (low, high):
+        settings = parse_settings(Path("/tmp/x"), {section: {key: value}})
+        policy_from_settings(settings, ())
+    for value in (low - step, high + step):
+        with pytest.raises(ConfigError, match=re.escape(f"{section}.{key}")):
+            parse_settings(Path("/tmp/x"), {section: {key: value}})
+        as_policy: dict[str, Any] = {
+            field: timedelta(seconds=value)
+            if field in ("cert_lifetime", "nonce_ttl", "max_clock_skew")
+            else value
+        }
+        with pytest.raises(ValueError, match=field):
+            EnrollmentPolicy(trust_domain="x.example", trusted_roots=(), **as_policy)
+
+
+def test_an_unreadable_passphrase_file_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("FLEETGATE_PASSPHRASE", raising=False)
+    (tmp_path / "secrets" / "passphrase").mkdir(parents=True)  # a folder, not a file
+    settings = parse_settings(tmp_path, {})
+    with pytest.raises(ConfigError, match="passphrase_file"):
+        settings.passphrase()
