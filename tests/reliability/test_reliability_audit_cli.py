@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import tomli_w
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from typer.testing import CliRunner
 
 from gateway.audit import AuditWriter, checkpoint_message, record_hash
@@ -160,30 +161,33 @@ def _forge_checkpoint(home: Path) -> None:
 Attack = Callable[[Path], None]
 
 
+TAMPERING: list[tuple[Attack, int, str]] = [
+    (_edit_detail, 5, "record 5 was edited"),
+    (_edit_outcome, 6, "record 6 was edited"),
+    (_edit_actor, 5, "record 5 was edited"),
+    (_edit_reasons, 6, "record 6 was edited"),
+    (_rewrite_hash, 3, "record 3 was edited"),
+    (_delete_one, 8, "record 8 is missing"),
+    (_delete_first, 1, "record 1 is missing"),
+    (_insert, 10, "record 10 was inserted"),
+    (_reorder, 11, "records 11 and 12 are out of order"),
+    (
+        _truncate_behind_checkpoint,
+        8,
+        f"checkpoint at {CHECKPOINT} names a record that is gone (tail truncated)",
+    ),
+    (
+        _forge_checkpoint,
+        CHECKPOINT,
+        f"checkpoint signature invalid (checkpoint at {CHECKPOINT})",
+    ),
+]
+
+
 @pytest.mark.parametrize(
     ("attack", "first_bad", "problem"),
-    [
-        (_edit_detail, 5, "record 5 was edited"),
-        (_edit_outcome, 6, "record 6 was edited"),
-        (_edit_actor, 5, "record 5 was edited"),
-        (_edit_reasons, 6, "record 6 was edited"),
-        (_rewrite_hash, 3, "record 3 was edited"),
-        (_delete_one, 8, "record 8 is missing"),
-        (_delete_first, 1, "record 1 is missing"),
-        (_insert, 10, "record 10 was inserted"),
-        (_reorder, 11, "records 11 and 12 are out of order"),
-        (
-            _truncate_behind_checkpoint,
-            8,
-            f"checkpoint at {CHECKPOINT} names a record that is gone (tail truncated)",
-        ),
-        (
-            _forge_checkpoint,
-            CHECKPOINT,
-            f"checkpoint signature invalid (checkpoint at {CHECKPOINT})",
-        ),
-    ],
-    ids=lambda value: getattr(value, "__name__", None),
+    # named by the attack alone, as docs/security.md names them
+    [pytest.param(*case, id=case[0].__name__) for case in TAMPERING],
 )
 def test_audit_verify_catches_tampering(
     home: Path, attack: Attack, first_bad: int, problem: str
@@ -304,6 +308,29 @@ def test_an_exported_checkpoint_signed_by_another_key_is_refused(
     message = checkpoint_message(document["seq"], document["hash"])
     document["signature"] = base64.b64encode(impostor.sign(message)).decode("ascii")
     path.write_text(json.dumps(document))
+    code, verdict = verify(home, "--checkpoint", str(path))
+    assert code == 1
+    assert verdict["problem"] == (
+        f"exported checkpoint signature invalid (checkpoint at {CHECKPOINT})"
+    )
+
+
+def test_the_exported_checkpoint_catches_an_audit_key_replaced_on_the_box(
+    home: Path, tmp_path: Path
+) -> None:
+    """Whoever can write the home can swap ca/audit.pub for a key of their own and sign the
+    registry's checkpoints with it; the exported checkpoint was signed with the real key."""
+    path = tmp_path / "checkpoint.json"
+    export_checkpoint(home, path)
+    impostor = LocalSigner.generate()
+    with SqlStore(load_settings(home).database) as store:
+        (checkpoint,) = store.checkpoints()
+    signature = impostor.sign(checkpoint_message(checkpoint.seq, checkpoint.hash))
+    sql(home, "UPDATE audit_checkpoint SET signature = ?", parameters=(signature,))
+    (home / "ca" / "audit.pub").write_bytes(
+        impostor.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    )
+    assert verify(home)[0] == 0, "the registry alone vouches for the impostor's checkpoints"
     code, verdict = verify(home, "--checkpoint", str(path))
     assert code == 1
     assert verdict["problem"] == (
