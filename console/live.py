@@ -24,6 +24,10 @@ MAX_QUEUED_EVENTS = 50_000
 ATTENTION_KINDS = frozenset(
     {"state_changed", "certificate_issued", "refused", "clone", "anomaly"}
 )
+# The listener whose sessions make a row "online". A device still enrolling is connected too,
+# as an enrollee on the enrollment listener; its connects and disconnects say nothing about
+# the certified device (the two sessions even overlap while it switches over).
+OPERATIONAL_LISTENER = "operational"
 
 
 class EventInbox:
@@ -58,7 +62,7 @@ class LiveBatch:
 
     rows: dict[str, DeviceRow] = field(default_factory=dict)
     touched: set[str] = field(default_factory=set)  # identities any event was about
-    reload_fleet: bool = False  # an identity the table does not know yet, or a new certificate
+    reload_fleet: bool = False  # an identity the table does not know yet
     reload_attention: bool = False
     ignored: int = 0  # events that were not well-formed
 
@@ -86,23 +90,36 @@ def fold_events(
             batch.ignored += 1
             continue
         data = data or {}
+        if kind in ("connected", "disconnected") and (
+            data.get("listener") != OPERATIONAL_LISTENER
+        ):
+            continue
         if kind in ATTENTION_KINDS:
             batch.reload_attention = True
         if not isinstance(subject, str) or not subject:
             continue  # refusals of unknown identities have no subject: attention only
         batch.touched.add(subject)
         row = batch.rows.get(subject) or lookup(subject)
-        if kind == "certificate_issued":
-            # The event does not carry the new expiry; a device seen for the first time
-            # also needs its model and firmware. Both come with a reload.
-            batch.reload_fleet = True
-            continue
         if row is None:
-            if kind in ("connected", "state_changed"):
+            # A device seen for the first time: its model, firmware and state come with a
+            # reload.
+            if kind in ("connected", "state_changed", "certificate_issued"):
                 batch.reload_fleet = True
             continue
         at = _event_time(event)
-        if kind == "connected":
+        if kind == "certificate_issued":
+            # A renewal: the new expiry comes with the event. Without a readable one, the
+            # registry is asked (the reload is the truth).
+            try:
+                not_after = parse_time(data.get("not_after"), "not_after")
+            except ConsoleError:
+                batch.ignored += 1
+                not_after = None
+            if not_after is None:
+                batch.reload_fleet = True
+                continue
+            row = row.with_changes(cert_not_after=not_after)
+        elif kind == "connected":
             row = row.with_changes(connected=True, last_seen_at=at or row.last_seen_at)
         elif kind == "disconnected":
             row = row.with_changes(connected=False, last_seen_at=at or row.last_seen_at)

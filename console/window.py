@@ -45,7 +45,8 @@ Failure = RequestFailure | None
 LIVE_INTERVAL_MS = 250
 TICK_INTERVAL_MS = 1000
 ATTENTION_REFRESH_MS = 15_000
-# A burst of certificate_issued events (a fleet powering on) causes one reload, not hundreds.
+# A burst of identities the table does not know yet (a fleet powering on) causes one reload,
+# not hundreds.
 RELOAD_DELAY_MS = 500
 DETAIL_DELAY_MS = 150
 # The whole fleet in one answer: 100k identities take a few seconds to list (longer right after

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.serialization import (
 from gateway import operations
 from gateway.acl import Principal, TopicAcl
 from gateway.admin import attach_admin
+from gateway.admin.events import issued_certificate_data
 from gateway.audit import AuditWriter
 from gateway.broker import EmbeddedBroker, ListenerConfig, RefusedConnection, TlsMaterial
 from gateway.broker_control import BrokerControl
@@ -799,7 +800,9 @@ class Gateway:
         # sync, not apply: a renewing device is in force already and costs nothing here.
         await self.broker.sync([Admitted(identity_id)], certified=True)
         self.states.set(identity_id, IdentityState.ACTIVE)
-        self.emit("certificate_issued", identity_id)
+        # The new expiry and serial, read from the answer: consoles update the row in place.
+        data = issued_certificate_data(getattr(reply, "payload", None))
+        self.emit("certificate_issued", identity_id, **data)
 
     async def _every(self, seconds: float, job: Callable[[], object]) -> None:
         """Run ``job`` every ``seconds``: coroutines in the loop, plain functions in a thread

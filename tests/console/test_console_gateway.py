@@ -168,6 +168,33 @@ def test_a_device_connecting_and_leaving_updates_its_row_live(qtbot, live_gatewa
     qtbot.waitUntil(lambda: not window.model.get(newcomer).connected, timeout=20_000)
 
 
+def test_a_new_certificate_is_announced_with_its_expiry_and_serial(live_gateway) -> None:
+    """What lets a console update a renewed row in place rather than reload the fleet."""
+    thread = live_gateway.thread
+    issued: list[Any] = []
+
+    def listen(event: Any) -> None:
+        if event.kind == "certificate_issued":
+            issued.append(event)
+
+    thread.gateway.listeners.append(listen)
+    stop = thread.new_stop()
+    try:
+        [newcomer] = thread.start_fleet(1, "issued", stop)
+        thread.wait_until(lambda: any(e.subject == newcomer for e in issued), timeout=20)
+    finally:
+        thread.set_event(stop)
+        thread.gateway.listeners.remove(listen)
+    event = next(e for e in issued if e.subject == newcomer)
+    [certificate] = [
+        c for c in thread.gateway.store.certificates_for(newcomer) if c.status == "active"
+    ]
+    assert event.data == {
+        "not_after": certificate.not_after.isoformat(),
+        "serial": f"{certificate.serial:x}",
+    }
+
+
 def test_the_detail_pane_shows_chain_history_attestation_and_telemetry(
     qtbot, live_gateway, open_console
 ):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,13 @@ from PySide6.QtWidgets import QApplication
 from console.bridge import DEFAULT_TIMEOUT
 from console.models import COL_FIRMWARE
 from console.rows import DeviceRow
-from console.window import ACTIONS, MainWindow, shortcut_list, user_settings
+from console.window import (
+    ACTIONS,
+    RELOAD_DELAY_MS,
+    MainWindow,
+    shortcut_list,
+    user_settings,
+)
 
 
 def confirm_with(reason: str | None, seen: list[tuple[str, list[str]]]):
@@ -138,7 +145,12 @@ def test_live_events_update_rows_in_place_without_losing_selection(
     window.table.select_ids(chosen)
     offline = next(r for r in console.rows if not r.connected and r.state == "active")
     console.client.emit(
-        {"kind": "connected", "subject": offline.id, "at": NOW.isoformat(), "data": {}}
+        {
+            "kind": "connected",
+            "subject": offline.id,
+            "at": NOW.isoformat(),
+            "data": {"kind": "device", "listener": "operational"},
+        }
     )
     qtbot.waitUntil(lambda: window.model.get(offline.id).connected, timeout=3000)
     assert window.table.selected_ids() == sorted(chosen, key=window.model.position)
@@ -151,6 +163,24 @@ def test_an_unknown_identity_connecting_reloads_the_fleet(qtbot, scripted_consol
     console.client.emit({"kind": "certificate_issued", "subject": "th-2", "at": NOW.isoformat()})
     qtbot.waitUntil(lambda: console.window.model.get("th-2") is not None, timeout=3000)
     assert console.window.model.total == 2
+
+
+def test_a_renewal_moves_the_expiry_without_reloading_the_fleet(qtbot, scripted_console) -> None:
+    console = scripted_console()
+    window = console.window
+    target = next(r for r in console.rows if r.cert_not_after is not None)
+    renewed = target.cert_not_after + timedelta(days=30)
+    console.client.emit(
+        {
+            "kind": "certificate_issued",
+            "subject": target.id,
+            "at": NOW.isoformat(),
+            "data": {"not_after": renewed.isoformat(), "serial": "1f"},
+        }
+    )
+    qtbot.waitUntil(lambda: window.model.get(target.id).cert_not_after == renewed, timeout=3000)
+    qtbot.wait(RELOAD_DELAY_MS + 200)
+    assert [op for op, _ in console.client.requests].count("list_identities") == 1
 
 
 def test_selecting_a_row_loads_its_detail(qtbot, scripted_console) -> None:

@@ -6,12 +6,20 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
 
-from gateway.admin.events import EventRelay, EventView
+from gateway.admin.events import EventRelay, EventView, issued_certificate_data
+from gateway.protocol.codec import encode
+from gateway.protocol.messages import IssuedCertificate, Pending
 from gateway.service import GatewayEvent
+from pki.clock import FakeClock
+from pki.issue import Issuer
+from pki.keys import LocalSigner
+from pki.profile import IdentityKind, LeafTemplate
+from pki.testing import make_issuing_ca
 
 AT = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -132,3 +140,40 @@ def test_an_event_view_validates_itself(kwargs: dict[str, object], error: type) 
 def test_keep_must_be_positive() -> None:
     with pytest.raises(ValueError):
         EventRelay(None, keep=0)
+
+
+def test_a_certificate_issued_event_carries_the_new_expiry_and_serial() -> None:
+    """Read from the answer the device gets, so a console updates the row in place."""
+    clock = FakeClock(AT)
+    ca = make_issuing_ca(clock)
+    template = LeafTemplate(
+        kind=IdentityKind.DEVICE, name="dev-1", trust_domain="fleet.test",
+        lifetime=timedelta(hours=5),
+    )
+    leaf = Issuer(ca, clock).issue(template, LocalSigner.generate().public_key())
+    answer = IssuedCertificate(
+        "req-1",
+        leaf.public_bytes(Encoding.DER),
+        (ca.certificate.public_bytes(Encoding.DER),),
+        int(leaf.not_valid_after_utc.timestamp()),
+        int(AT.timestamp()) + 3600,
+    )
+    data = issued_certificate_data(encode(answer))
+    assert data == {
+        "not_after": leaf.not_valid_after_utc.isoformat(),
+        "serial": f"{leaf.serial_number:x}",
+    }
+    assert datetime.fromisoformat(data["not_after"]) > AT + timedelta(hours=4)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        encode(Pending("req-1", 30)),  # a stored answer that is no certificate
+        b"{not json",
+        encode(IssuedCertificate("req-1", b"\0\0\0", (b"\0\0\0",), 1, 1)),  # not DER
+        None,
+    ],
+)
+def test_an_answer_without_a_readable_certificate_gives_no_event_data(payload: object) -> None:
+    assert issued_certificate_data(payload) == {}
