@@ -84,12 +84,14 @@ class AttentionPanel(QWidget):
         return sum(self.counts.values())
 
     def show_attention(self, data: Mapping[str, Any]) -> None:
+        """Show a fresh ``attention`` answer. A section the operator collapsed stays collapsed;
+        one that was empty opens when entries arrive (they are news)."""
         expanded = {group.data(0, ID_ROLE) for group in self._groups() if group.isExpanded()}
-        first_time = self.tree.topLevelItemCount() == 0
         self.tree.clear()
         for key, heading, colour in SECTIONS:
             entries = data.get(key)
             entries = entries if isinstance(entries, list) else []
+            was_empty = self.counts[key] == 0
             self.counts[key] = len(entries)
             group = QTreeWidgetItem([f"{heading} ({len(entries)})"])
             group.setData(0, ID_ROLE, key)
@@ -105,7 +107,7 @@ class AttentionPanel(QWidget):
                     item.setToolTip(0, "Double-click to select it in the fleet table")
                 group.addChild(item)
             self.tree.addTopLevelItem(group)
-            group.setExpanded(bool(entries) and (first_time or key in expanded))
+            group.setExpanded(bool(entries) and (was_empty or key in expanded))
         self.status.setText(
             "Nothing needs attention." if self.total == 0 else f"{self.total} items need attention."
         )

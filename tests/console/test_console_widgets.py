@@ -10,9 +10,9 @@ import pytest
 from console_support import NOW
 from PySide6.QtCore import QModelIndex, QPersistentModelIndex
 from PySide6.QtGui import QPalette
-from PySide6.QtWidgets import QApplication
+from PySide6.QtWidgets import QApplication, QTreeWidgetItem
 
-from console.attention import describe
+from console.attention import ID_ROLE, SECTIONS, AttentionPanel, describe
 from console.chart import TelemetryChart
 from console.models import FleetTableModel
 from console.synthetic import synthetic_rows
@@ -94,6 +94,33 @@ def test_repainting_the_table_does_not_use_up_references_to_none(qtbot: Any) -> 
         view.horizontalHeader().viewport().repaint()
     # 200 repaints of ~20 badges and 8 header sections: a leak would lose thousands.
     assert sys.getrefcount(None) >= before
+
+
+def test_an_attention_section_opens_when_its_first_entries_arrive(qtbot: Any) -> None:
+    panel = AttentionPanel()
+    qtbot.addWidget(panel)
+    empty: dict[str, list[str]] = {key: [] for key, _, _ in SECTIONS}
+
+    def groups() -> dict[str, QTreeWidgetItem]:
+        items = (panel.tree.topLevelItem(n) for n in range(panel.tree.topLevelItemCount()))
+        return {item.data(0, ID_ROLE): item for item in items if item is not None}
+
+    def expanded() -> dict[str, bool]:
+        return {key: group.isExpanded() for key, group in groups().items()}
+
+    panel.show_attention({**empty, "quarantined": ["th-9"]})
+    assert expanded() == {key: key == "quarantined" for key, _, _ in SECTIONS}
+    panel.show_attention({**empty, "quarantined": ["th-9"], "pending": ["th-1"]})
+    assert expanded()["pending"] and expanded()["quarantined"]
+    # Collapsed by the operator: it stays so while it has entries...
+    groups()["pending"].setExpanded(False)
+    panel.show_attention({**empty, "pending": ["th-1", "th-2"]})
+    assert not expanded()["pending"]
+    assert panel.section_lines("pending") == ["th-1", "th-2"]
+    # ...and opens again once it emptied and has news.
+    panel.show_attention(empty)
+    panel.show_attention({**empty, "pending": ["th-3"]})
+    assert expanded()["pending"]
 
 
 @pytest.mark.parametrize(
