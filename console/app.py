@@ -183,6 +183,9 @@ def run_console(
         settings=settings,
         ca_chain=ca_chain(profile.ca_pem),
         title=f"Fleetgate console — {profile.name} @ {profile.host}:{profile.port}",
+        # A screenshot is taken at a forced size in the default layout; the operator's own
+        # layout is neither used for it nor overwritten by it.
+        remember_layout=screenshot is None,
     )
     shooter = (
         Screenshot(window, screenshot, app, screenshot_timeout) if screenshot is not None else None

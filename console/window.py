@@ -121,13 +121,17 @@ class MainWindow(QMainWindow):
         ca_chain: Sequence[CertSummary] = (),
         confirm: ConfirmFn = confirm_action,
         title: str = "Fleetgate console",
+        remember_layout: bool = True,
     ) -> None:
+        """``remember_layout=False`` neither restores nor saves the operator's layout: a
+        screenshot shows the default one, at a forced size that must not become theirs."""
         super().__init__()
         self.bridge = bridge
         self.clock = clock or SystemClock()
         self.settings = settings or user_settings()
         self.ca_chain = tuple(ca_chain)
         self.confirm = confirm
+        self.remember_layout = remember_layout
         self.setWindowTitle(title)
         self.setObjectName("fleetgate-console")
         self.resize(1600, 900)
@@ -179,7 +183,8 @@ class MainWindow(QMainWindow):
         self.audit.query_requested.connect(self.load_audit)
         self.fleet.search.returnPressed.connect(self.table.setFocus)
         self.fleet.search.installEventFilter(self)
-        self._restore_layout()
+        if remember_layout:
+            self._restore_layout()
 
     # -- construction -------------------------------------------------------------------------
 
@@ -279,7 +284,8 @@ class MainWindow(QMainWindow):
         self.settings.sync()
 
     def closeEvent(self, event: QCloseEvent) -> None:
-        self.save_layout()
+        if self.remember_layout:
+            self.save_layout()
         for timer in (self._live_timer, self._tick_timer, self._attention_timer):
             timer.stop()
         super().closeEvent(event)

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import typer
 from console_support import PROFILE_PASSPHRASE
+from PySide6.QtCore import QByteArray
 from PySide6.QtGui import QImage
 from PySide6.QtWidgets import QDialog, QWidget
 from typer.testing import CliRunner
@@ -21,7 +22,7 @@ from console.bridge import AdminBridge
 from console.certs import ca_chain
 from console.dialogs import ConfirmDialog, revoke_confirmation_text
 from console.live import EventInbox
-from console.window import MainWindow
+from console.window import MainWindow, user_settings
 from gateway.admin.profile import load_profile
 from gateway.cli.console_app import console_command
 from gateway.store import IdentityState
@@ -217,6 +218,10 @@ def test_fleetgate_console_screenshot_writes_a_png(tmp_path: Path, qapp, live_ga
     app = typer.Typer()
     app.command()(console_command)
     target = tmp_path / "shots" / "console.png"
+    # The operator's own layout, which a screenshot (forced to 1600 x 900) must not replace.
+    mine = user_settings()
+    mine.setValue("window/geometry", QByteArray(b"the operator's geometry"))
+    mine.sync()
     result = CliRunner().invoke(
         app,
         [
@@ -232,3 +237,6 @@ def test_fleetgate_console_screenshot_writes_a_png(tmp_path: Path, qapp, live_ga
     image = QImage(str(target))
     assert not image.isNull()
     assert image.width() >= 800 and image.height() >= 500
+    settings = user_settings()
+    assert settings.value("window/geometry") == QByteArray(b"the operator's geometry")
+    assert settings.value("window/state") is None

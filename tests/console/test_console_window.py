@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from console_support import NOW, ScriptedError, wire_row
-from PySide6.QtCore import Qt
+from PySide6.QtCore import QSize, Qt
 from PySide6.QtWidgets import QApplication
 
 from console.bridge import DEFAULT_TIMEOUT
@@ -22,6 +22,19 @@ from console.window import (
     shortcut_list,
     user_settings,
 )
+
+
+# A window size of the operator's own, unlike the default 1600 x 900.
+OPERATOR_SIZE = QSize(900, 560)
+
+
+def has_operator_size(window: MainWindow) -> bool:
+    """Restored, not the default: the offscreen screen is 800 px wide, and Qt narrows a
+    restored window to fit it, though not below the window's minimum width (872 px)."""
+    return (
+        window.height() == OPERATOR_SIZE.height()
+        and window.minimumSizeHint().width() <= window.width() <= OPERATOR_SIZE.width()
+    )
 
 
 def confirm_with(reason: str | None, seen: list[tuple[str, list[str]]]):
@@ -304,6 +317,7 @@ def test_layout_and_columns_are_remembered_between_runs(
     header = console.window.table.horizontalHeader()
     header.setSectionHidden(COL_FIRMWARE, True)
     header.resizeSection(0, 333)
+    console.window.resize(OPERATOR_SIZE)
     console.window.close()  # saves the layout
     settings = user_settings()
     assert Path(settings.fileName()).is_relative_to(qt_settings)
@@ -312,6 +326,30 @@ def test_layout_and_columns_are_remembered_between_runs(
     header = again.table.horizontalHeader()
     assert header.isSectionHidden(COL_FIRMWARE)
     assert header.sectionSize(0) == 333
+    assert has_operator_size(again)
+
+
+def test_a_window_that_does_not_remember_leaves_the_saved_layout_alone(
+    qtbot, scripted_console
+) -> None:
+    """What a screenshot uses: the default layout at a forced size, never saved as the
+    operator's."""
+    mine = scripted_console().window
+    mine.table.horizontalHeader().setSectionHidden(COL_FIRMWARE, True)
+    mine.resize(OPERATOR_SIZE)
+    mine.close()
+    settings = user_settings()
+    saved = {key: settings.value(key) for key in settings.allKeys()}
+    assert saved
+
+    shot = scripted_console(remember_layout=False).window
+    assert not shot.table.horizontalHeader().isSectionHidden(COL_FIRMWARE)
+    assert not has_operator_size(shot)
+    shot.resize(1600, 900)
+    shot.close()
+    settings = user_settings()
+    assert {key: settings.value(key) for key in settings.allKeys()} == saved
+    assert has_operator_size(scripted_console().window)
 
 
 def test_csv_export_from_the_window_writes_the_filtered_rows(
