@@ -23,7 +23,6 @@ from console.window import (
     user_settings,
 )
 
-
 # A window size of the operator's own, unlike the default 1600 x 900.
 OPERATOR_SIZE = QSize(900, 560)
 
