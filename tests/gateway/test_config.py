@@ -134,3 +134,78 @@ def test_an_unreadable_passphrase_file_is_named(
     settings = parse_settings(tmp_path, {})
     with pytest.raises(ConfigError, match="passphrase_file"):
         settings.passphrase()
+
+
+DOCS = Path(__file__).parents[2] / "docs" / "configuration.md"
+
+
+def documented_keys() -> dict[str, dict[str, str]]:
+    """docs/configuration.md as heading -> {key: its default column}, from its tables."""
+    sections: dict[str, dict[str, str]] = {}
+    rows: dict[str, str] = {}
+    for line in DOCS.read_text().splitlines():
+        if line.startswith("#"):
+            rows = sections.setdefault(line.lstrip("#").strip().strip("`"), {})
+        elif found := re.match(r"\| `(\w+)` \| ([^|]*) \|", line):
+            rows[found[1]] = found[2]
+    return sections
+
+
+def test_every_setting_is_documented_with_its_default() -> None:
+    from dataclasses import fields, is_dataclass
+
+    from gateway.anomaly.settings import AnomalySettings, Thresholds
+    from gateway.config import (
+        ApprovalRuleSettings,
+        BrokerSettings,
+        CaSettings,
+        CertificateSettings,
+        EnrollmentSettings,
+        PolicySettings,
+        Settings,
+    )
+
+    documented = documented_keys()
+    tables: dict[str, Any] = {
+        "Top level": Settings(home=Path("/tmp/x")),
+        "[ca]": CaSettings(),
+        "[certificates]": CertificateSettings(),
+        "[broker]": BrokerSettings(),
+        "[enrollment]": EnrollmentSettings(),
+        "[policy]": PolicySettings(),
+        "[[policy.auto_approve]]": ApprovalRuleSettings(),
+        "[anomaly]": AnomalySettings(),
+        "[anomaly.thresholds]": Thresholds(),
+    }
+    for heading, defaults in tables.items():
+        rows = documented.get(heading, {})
+        for item in fields(defaults):
+            if item.name == "home":
+                continue  # --home / $FLEETGATE_HOME, not a key of the file
+            if is_dataclass(getattr(defaults, item.name)):  # a table: its own heading
+                assert any(h.endswith(f"{item.name}]") for h in documented), item.name
+                continue
+            assert item.name in rows, f"docs/configuration.md: {heading} lacks {item.name}"
+            shown = re.match(r"`([^`]*)`", rows[item.name].strip())
+            if shown is None:
+                continue  # a table or the default rules, described in words
+            value = tomllib.loads(f"v = {shown[1]}")["v"]
+            default = getattr(defaults, item.name)
+            if isinstance(default, float):
+                assert value == pytest.approx(default, abs=1e-3), (heading, item.name)
+            else:
+                expected = list(default) if isinstance(default, tuple) else default
+                assert value == expected, (heading, item.name)
+
+
+def test_the_environment_variables_are_documented() -> None:
+    from gateway.config import DATABASE_ENV, HOME_ENV, PASSPHRASE_ENV
+
+    text = DOCS.read_text()
+    for name in (HOME_ENV, PASSPHRASE_ENV, DATABASE_ENV):
+        assert f"`{name}`" in text
+
+
+def test_the_file_init_writes_points_to_the_page_that_exists() -> None:
+    header = render_default_config("plant.example", KeyType.P256).splitlines()[0]
+    assert "docs/configuration.md" in header and DOCS.exists()
