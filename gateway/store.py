@@ -358,6 +358,22 @@ class Store(Protocol):
     def put_checkpoint(self, checkpoint: AuditCheckpoint) -> None: ...
     def checkpoints(self) -> list[AuditCheckpoint]: ...
 
+    # retention: what the protocol no longer needs goes (``gateway.retention`` sweeps)
+    def prune_responses(
+        self, answered_before: datetime, pending_before: datetime, limit: int
+    ) -> int:
+        """Delete at most ``limit`` stored answers, oldest first, in one short transaction:
+        those given before ``answered_before``, except ``pending`` ones (a device still waiting
+        for an operator), which go only once given before ``pending_before``. Returns how many
+        were deleted. TypeError or ValueError for a naive time or a bad limit."""
+        ...
+
+    def prune_nonces(self, expired_before: datetime, limit: int) -> int:
+        """Delete at most ``limit`` nonces, used or not, that expired before ``expired_before``,
+        the longest expired first, in one short transaction; returns how many. A deleted nonce
+        is refused as ``nonce_unknown``, so deleting one never makes it usable again."""
+        ...
+
     # refused connections, for the "unknown identities" view
     def record_refusals(self, records: Sequence[RefusalRecord]) -> None:
         """Add a batch of refusals in one transaction, aggregated by key. For a key already

@@ -341,6 +341,40 @@ class MemoryStore:
             self._responses[key] = response
             self._audit.extend(chained)
 
+    # retention
+
+    def prune_responses(
+        self, answered_before: datetime, pending_before: datetime, limit: int
+    ) -> int:
+        final = require_aware_time(answered_before, "answered_before")
+        pending = require_aware_time(pending_before, "pending_before")
+        check_limit(limit)
+        with self._lock:
+            doomed = sorted(
+                (
+                    (response.at, key)
+                    for key, response in self._responses.items()
+                    if response.at < (pending if response.outcome == "pending" else final)
+                ),
+                key=lambda item: item[0],
+            )[:limit]
+            for _, key in doomed:
+                del self._responses[key]
+            return len(doomed)
+
+    def prune_nonces(self, expired_before: datetime, limit: int) -> int:
+        cutoff = require_aware_time(expired_before, "expired_before")
+        check_limit(limit)
+        with self._lock:
+            doomed = sorted(
+                (nonce.expires_at, value)
+                for value, nonce in self._nonces.items()
+                if nonce.expires_at < cutoff
+            )[:limit]
+            for _, value in doomed:
+                del self._nonces[value]
+            return len(doomed)
+
     def change_state(
         self,
         identity_id: str,

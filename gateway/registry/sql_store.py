@@ -37,7 +37,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from alembic.util import CommandError
-from sqlalchemy import Connection, Engine, case, insert, select
+from sqlalchemy import Connection, Engine, and_, case, delete, insert, or_, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 
 from gateway.audit import chain
@@ -55,6 +55,8 @@ from gateway.registry.tables import (
     CertificateRow,
     ConnectionRefusalRow,
     IdentityRow,
+    NonceRow,
+    StoredResponseRow,
     table_of,
 )
 from gateway.store import (
@@ -84,6 +86,8 @@ CERTIFICATE = table_of(CertificateRow)
 AUDIT = table_of(AuditEventRow)
 CHECKPOINT = table_of(AuditCheckpointRow)
 REFUSAL = table_of(ConnectionRefusalRow)
+RESPONSE = table_of(StoredResponseRow)
+NONCE = table_of(NonceRow)
 
 # Describe the newest sighting of a key; the rest of a refusal row is the aggregate.
 _LATEST_SIGHTING = (
@@ -404,6 +408,37 @@ class SqlStore:
                 # retries the same request.
                 sql.execute(statements.response_replace, **response_values)
             self._append(sql, audit)
+
+    # retention: a batch per call, so a sweep never holds the writer lock for long
+
+    def prune_responses(
+        self, answered_before: datetime, pending_before: datetime, limit: int
+    ) -> int:
+        final = convert.require_aware_time(answered_before, "answered_before")
+        pending = convert.require_aware_time(pending_before, "pending_before")
+        if check_limit(limit) == 0:
+            return 0
+        c = RESPONSE.c
+        old = or_(
+            and_(c.outcome != "pending", c.at < final),
+            and_(c.outcome == "pending", c.at < pending),
+        )
+        # The first condition alone is a range of the index on ``at``; the second picks.
+        doomed = select(c.identity_id, c.request_id).where(c.at < max(final, pending), old)
+        doomed = doomed.order_by(c.at).limit(limit)
+        statement = delete(RESPONSE).where(tuple_(c.identity_id, c.request_id).in_(doomed))
+        with self._write("pruning stored answers") as connection:
+            return connection.execute(statement).rowcount
+
+    def prune_nonces(self, expired_before: datetime, limit: int) -> int:
+        cutoff = convert.require_aware_time(expired_before, "expired_before")
+        if check_limit(limit) == 0:
+            return 0
+        c = NONCE.c
+        doomed = select(c.value).where(c.expires_at < cutoff).order_by(c.expires_at).limit(limit)
+        statement = delete(NONCE).where(c.value.in_(doomed))
+        with self._write("pruning nonces") as connection:
+            return connection.execute(statement).rowcount
 
     def change_state(
         self,

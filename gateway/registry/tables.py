@@ -127,6 +127,8 @@ class CertificateRow(RegistryModel, table=True):
 
 class StoredResponseRow(RegistryModel, table=True):
     __tablename__ = "stored_response"
+    # The retention sweep deletes the oldest answers first (``SqlStore.prune_responses``).
+    __table_args__ = (Index(None, "at"),)
 
     # No foreign key to identity: a refused hello from an unknown device is answered (and
     # remembered) too.

@@ -577,6 +577,115 @@ def test_pending_answer_is_replaced_when_the_approved_request_is_retried(store: 
         store.record_outcome(response=response(outcome="pending"))
 
 
+# retention: answers and nonces past the protocol's use are pruned, a bounded batch at a time
+
+
+def minutes(n: float) -> datetime:
+    return T0 + timedelta(minutes=n)
+
+
+def answered(store: Store, request_id: str, at: datetime, outcome: str = "issued") -> None:
+    given = dataclasses.replace(response(request_id=request_id, outcome=outcome), at=at)
+    store.record_outcome(response=given)
+
+
+def kept_answers(store: Store, request_ids: list[str]) -> list[str]:
+    return [r for r in request_ids if store.get_response("dev-1", r) is not None]
+
+
+def test_answers_older_than_the_cutoff_are_pruned_oldest_first_in_bounded_batches(
+    store: Store,
+) -> None:
+    ids = [f"req-{n}" for n in range(8)]
+    for n, outcome in enumerate(["issued", "challenge", "rejected", "issued"] * 2):
+        answered(store, ids[n], minutes(n), outcome)
+    cutoff = minutes(5)  # req-0 .. req-4 are older
+    assert store.prune_responses(cutoff, cutoff, limit=3) == 3
+    assert kept_answers(store, ids) == ids[3:]
+    assert store.prune_responses(cutoff, cutoff, limit=3) == 2
+    assert store.prune_responses(cutoff, cutoff, limit=3) == 0
+    assert kept_answers(store, ids) == ids[5:]
+    # an answer given exactly at the cutoff is not older than it
+    assert store.prune_responses(minutes(5), minutes(5), limit=10) == 0
+
+
+def test_a_pending_answer_is_kept_until_its_own_cutoff(store: Store) -> None:
+    answered(store, "waiting", minutes(0), "pending")
+    answered(store, "done", minutes(1), "issued")
+    assert store.prune_responses(minutes(60), minutes(0), limit=10) == 1
+    assert kept_answers(store, ["waiting", "done"]) == ["waiting"]
+    assert store.prune_responses(minutes(60), minutes(1), limit=10) == 1
+    assert kept_answers(store, ["waiting", "done"]) == []
+
+
+def test_a_pruned_request_is_judged_afresh(store: Store) -> None:
+    issue(store, 10, "req-1")
+    assert store.prune_responses(minutes(1), minutes(1), limit=10) == 1
+    assert store.get_response("dev-1", "req-1") is None
+    # the same (device, request id) can be answered again; the certificate row stays
+    store.record_outcome(response=response(outcome="rejected"), audit=[entry("reject")])
+    assert store.get_response("dev-1", "req-1") == response(outcome="rejected")
+    assert [c.serial for c in store.certificates_for("dev-1")] == [10]
+
+
+def test_nonces_past_the_cutoff_are_pruned_used_or_not(store: Store) -> None:
+    values = [bytes([n]) * 16 for n in range(1, 6)]
+    for n, value in enumerate(values):
+        store.put_nonce(nonce(value, ttl=60 * (n + 1)))  # expire at T0 + 1 .. 5 minutes
+    assert store.consume_nonce(values[0], "dev-1", T0) is NonceCheck.OK
+    assert store.prune_nonces(minutes(3.5), limit=2) == 2  # the two that expired first
+    assert store.prune_nonces(minutes(3.5), limit=2) == 1
+    assert store.prune_nonces(minutes(3.5), limit=2) == 0
+    # a pruned nonce is unknown, never usable again; the others keep their rules
+    assert store.consume_nonce(values[0], "dev-1", T0) is NonceCheck.UNKNOWN
+    assert store.consume_nonce(values[1], "dev-1", T0) is NonceCheck.UNKNOWN
+    assert store.consume_nonce(values[3], "dev-1", T0) is NonceCheck.OK
+    assert store.consume_nonce(values[4], "dev-1", minutes(5)) is NonceCheck.EXPIRED
+
+
+def test_pruning_answers_leaves_nonces_and_the_audit_trail_alone(store: Store) -> None:
+    challenge = response(request_id="hello-1", outcome="challenge")
+    store.record_outcome(response=challenge, nonce=nonce(ttl=3600))
+    issue(store, 10, "req-2")
+    audit = store.audit_records()
+    assert store.prune_responses(minutes(1), minutes(1), limit=10) == 2
+    assert store.consume_nonce(b"\x01" * 16, "dev-1", T0) is NonceCheck.OK
+    assert store.prune_nonces(minutes(1), limit=10) == 0  # expires in an hour
+    assert store.audit_records() == audit
+    assert store.get_identity("dev-1") is not None
+
+
+def test_a_limit_of_zero_prunes_nothing(store: Store) -> None:
+    answered(store, "req-1", T0)
+    store.put_nonce(nonce(ttl=1))
+    assert store.prune_responses(minutes(9), minutes(9), limit=0) == 0
+    assert store.prune_nonces(minutes(9), limit=0) == 0
+    assert store.get_response("dev-1", "req-1") is not None
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        (lambda s: s.prune_responses(datetime(2026, 1, 1), T0, 10), ValueError),
+        (lambda s: s.prune_responses(T0, datetime(2026, 1, 1), 10), ValueError),
+        (lambda s: s.prune_nonces(datetime(2026, 1, 1), 10), ValueError),
+        (lambda s: s.prune_responses(T0, T0, -1), ValueError),
+        (lambda s: s.prune_nonces(T0, -1), ValueError),
+        (lambda s: s.prune_nonces(T0, "10"), TypeError),
+        (lambda s: s.prune_responses("2026-01-01", T0, 10), TypeError),
+    ],
+)
+def test_bad_prune_arguments_are_refused_and_nothing_deleted(
+    store: Store, call: Callable[[Store], int], error: type[Exception]
+) -> None:
+    answered(store, "req-1", T0)
+    store.put_nonce(nonce(ttl=1))
+    with pytest.raises(error):
+        call(store)
+    assert store.get_response("dev-1", "req-1") is not None
+    assert store.consume_nonce(b"\x01" * 16, "dev-1", T0) is NonceCheck.OK
+
+
 def test_certificate_for_unknown_identity_is_a_key_error(store: Store) -> None:
     with pytest.raises(KeyError):
         store.record_outcome(
@@ -1311,6 +1420,25 @@ def test_sql_refusals_read_the_index_instead_of_sorting_the_table(tmp_path: Path
             plan = query_plan(sql, statements[0])
             assert "ix_connection_refusal_last_seen_key" in plan
             assert "TEMP B-TREE" not in plan
+
+
+def test_sql_pruning_reads_an_index_and_is_one_statement_per_batch(tmp_path: Path) -> None:
+    with SqlStore(sqlite_url(tmp_path / "registry.db")) as sql:
+        for n in range(50):
+            answered(sql, f"req-{n}", minutes(n))
+            sql.put_nonce(nonce(bytes([n + 1]) * 16, ttl=60 * n + 1))
+        for prune, index in (
+            (
+                functools.partial(sql.prune_responses, minutes(30), minutes(30), 10),
+                "ix_stored_response_at",
+            ),
+            (functools.partial(sql.prune_nonces, minutes(30), 10), "ix_nonce_expires_at"),
+        ):
+            statements = statements_run(sql, prune)
+            assert len(statements) == 1
+            plan = query_plan(sql, statements[0])
+            assert index in plan
+            assert "TEMP B-TREE" not in plan  # the oldest first, read along the index
 
 
 def test_sql_refusal_batch_is_one_transaction(tmp_path: Path) -> None:
