@@ -1,5 +1,5 @@
 """A real gateway (embedded broker by default, or Mosquitto; TLS on loopback, SQLite registry)
-per test."""
+per test, or one per module for tests that run on the module's event loop."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 import tomli_w
 
 from gateway.config import CONFIG_NAME, Settings, load_settings
@@ -57,4 +58,20 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
 
     yield start
     for gateway in started:
+        await gateway.stop()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def module_gateway(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[tuple[Gateway, FactoryCA]]:
+    """One gateway with the default settings for a whole module, whose tests must then run on
+    the module's event loop (``pytest.mark.asyncio(loop_scope="module")``)."""
+    settings = write_home(tmp_path_factory.mktemp("module") / "home")
+    factory = trust_factory(settings)
+    gateway = Gateway(settings)
+    try:
+        await gateway.start()
+        yield gateway, factory
+    finally:
         await gateway.stop()
