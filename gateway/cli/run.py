@@ -57,8 +57,10 @@ def _logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # aiomqtt warns at every publish while more than 10 await their PUBACK, which a burst of
     # enrollments does by design (rendering those lines cost more CPU than the replies); lost
-    # connections are reported by the transport itself.
-    logging.getLogger("aiomqtt").setLevel(logging.ERROR)
+    # connections are reported by the transport itself. aiomqtt logs as "mqtt" unless given a
+    # logger (the demo's sensors warned at every burst of renewals).
+    for chatty in ("aiomqtt", "mqtt"):
+        logging.getLogger(chatty).setLevel(logging.ERROR)
 
 
 def _stop_on_signals(stop: asyncio.Event) -> None:
