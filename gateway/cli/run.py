@@ -142,14 +142,19 @@ def _busy_ports(host: str, ports: Mapping[str, int]) -> list[str]:
     return busy
 
 
+# what a bind says about the address or port itself (not here, privileged, taken)
+_CANNOT_LISTEN = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
+
+
 async def _start_or_fail(
     start: Callable[[], Awaitable[T]],
     stop: Callable[[], Awaitable[object]] | None,
     host: str,
     ports: Mapping[str, tuple[int, str]],
 ) -> T:
-    """Await ``start()``; when it fails to listen, ``stop()`` what it began and say which port
-    is taken and what sets it. ``ports``: listener -> (port, the setting or option naming it)."""
+    """Await ``start()``; when it fails, ``stop()`` what it began and say why in one line: a
+    port another process holds is named with what sets it. ``ports``: listener -> (port, the
+    setting or option naming it)."""
     from gateway.cluster import ClusterError
     from gateway.mosquitto.errors import MosquittoError
     from gateway.store import StoreError
@@ -174,10 +179,10 @@ async def _start_or_fail(
             )
         if isinstance(exc, MosquittoError):
             fail(f"cannot start Mosquitto: {exc}")
-        if isinstance(exc, OSError):
+        if isinstance(exc, OSError) and exc.errno in _CANNOT_LISTEN and ports:
             listed = ", ".join(f"{port} ({source})" for port, source in ports.values())
             fail(f"cannot listen on {host} ports {listed}: {exc.strerror or exc}")
-        fail(f"cannot start the gateway: {exc}")
+        fail(f"cannot start the gateway: {exc or type(exc).__name__}")
 
 
 def _port_sources(settings: Settings, **options: int | None) -> dict[str, tuple[int, str]]:

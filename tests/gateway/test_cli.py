@@ -390,7 +390,22 @@ def test_run_and_demo_name_an_out_of_range_setting(
         assert f"{section}.{key} must lie between" in one_line(result.output)
 
 
-def test_run_with_an_unreadable_registry_url_says_so(home: Path) -> None:
+def test_run_with_an_unreadable_registry_url_says_so(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # --database becomes this process's $FLEETGATE_DATABASE_URL: recorded here to be restored
+    monkeypatch.setenv("FLEETGATE_DATABASE_URL", "")
     result = runner.invoke(app, ["run", "--home", str(home), "--database", "mysql://db/fleet"])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
     assert "sqlite:///PATH or postgresql://" in one_line(result.output)
+
+
+def test_run_on_an_address_not_of_this_machine_says_it_cannot_listen(home: Path) -> None:
+    config = home / "fleetgate.toml"
+    data = tomllib.loads(config.read_text())
+    data["broker"].update(host="192.0.2.1", enrollment_port=0, operational_port=0)  # TEST-NET-1
+    config.write_text(tomli_w.dumps(data))
+    result = runner.invoke(app, ["run", "--home", str(home)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+    said = one_line(result.output)
+    assert "cannot listen on 192.0.2.1" in said and "broker.enrollment_port" in said
