@@ -1,13 +1,13 @@
 """Mosquitto 2 with the dynamic-security plugin as the gateway's production broker.
 
 ``MosquittoBroker`` implements ``gateway.broker_control.BrokerControl``: per-identity dynsec
-roles derived from ``gateway.acl``, quarantine in place, revocation by ``deleteClient`` plus a
-CRL file reloaded with SIGHUP, and enrollment on a second, bridged instance with per-client-id
-ACL patterns. ``config``, ``enrollment`` and ``dynsec`` are pure builders; ``commit`` groups
-concurrent dynsec changes into few messages, urgent ones first; ``process`` runs and
-supervises each broker; ``sessions`` reads who is connected from their notices; ``observe``
-says what else Mosquitto can tell about an identity's activity; ``crl`` keeps the CRL from
-expiring.
+roles derived from ``gateway.acl``, quarantine in place, revocation by a deny-all role and a
+kick plus a CRL file reloaded with SIGHUP, and enrollment on a second, bridged instance with
+per-client-id ACL patterns. ``config``, ``enrollment`` and ``dynsec`` are pure builders;
+``commit`` groups concurrent dynsec changes into few messages, urgent ones first; ``process``
+runs and supervises each broker; ``sessions`` reads who is connected from their notices and
+``handshakes`` which connections the operational listener refused; ``observe`` says what else
+Mosquitto can tell about an identity's activity; ``crl`` checks a CRL before it is installed.
 """
 
 from gateway.mosquitto.broker import (
@@ -20,7 +20,7 @@ from gateway.mosquitto.broker import (
 )
 from gateway.mosquitto.commit import GroupCommit
 from gateway.mosquitto.config import MosquittoConfig, render_config
-from gateway.mosquitto.crl import CrlKeeper, check_crl, needs_refresh
+from gateway.mosquitto.crl import check_crl, needs_refresh
 from gateway.mosquitto.enrollment import (
     EnrollmentConfig,
     render_enrollment_acl,
@@ -29,6 +29,7 @@ from gateway.mosquitto.enrollment import (
     render_password_file,
 )
 from gateway.mosquitto.errors import MosquittoError, MosquittoReason
+from gateway.mosquitto.handshakes import HandshakeRefused, HandshakeWatch
 from gateway.mosquitto.observe import DEVICE_PUBLISH_FILTERS, published
 from gateway.mosquitto.process import (
     MosquittoProcess,
@@ -41,10 +42,11 @@ from gateway.mosquitto.sessions import Connected, Disconnected, Session, Session
 __all__ = [
     "DEVICE_PUBLISH_FILTERS",
     "Connected",
-    "CrlKeeper",
     "Disconnected",
     "EnrollmentConfig",
     "GroupCommit",
+    "HandshakeRefused",
+    "HandshakeWatch",
     "IdentityLike",
     "ListenerPorts",
     "Listeners",

@@ -55,14 +55,26 @@ connection with a live client id (on the operational listener, the certificate's
 session over and the first connection is closed, before the gateway hears of it. The broker's
 "connected" notice for a client id that is live already shows the takeover (see ``sessions``);
 when the two connections come from different hosts, ``on_clone(principal, first_address,
-second_address)`` runs, and the gateway quarantines the identity right after (one
-``modifyRole``: the clone stays connected but can only publish under its quarantine topics). So
-on Mosquitto the clone holds the session, with the device's rights for the few milliseconds
-until the quarantine is in force, and the first session is gone (when it reconnects, it takes
-the session back, quarantined too). From the same host it is the device itself reconnecting
-over a stale session: no clone, as on the embedded broker. The check relies on the notices, so a
-session whose end was missed while the admin connection was down could make a reconnect from
-a new address look like a clone.
+second_address)`` runs, the gateway quarantines the identity right after (one ``modifyRole``),
+and once that quarantine is in force the broker cuts the second session (a take-over by the
+admin account), unless another has replaced it meanwhile. So on Mosquitto the clone holds the
+session, with the device's rights, for the few milliseconds until the quarantine is in force,
+then loses it; the first session is gone too (Mosquitto closed it), and whichever reconnects
+finds the device quarantined. A takeover from another host while the device is quarantined
+already is cut at once. From the same host it is the device itself reconnecting over a stale
+session: no clone, as on the embedded broker. The check relies on the notices, so a session
+whose end was missed while the admin connection was down could make a reconnect from a new
+address look like a clone.
+
+Revocation: the deny-all role and a kick in one message, then the CRL (``publish_crl``). A
+device reconnecting before the CRL is reloaded completes its handshake; every such session
+is cut as soon as its connection notice arrives (see ``_observe``), and once more after the
+reload if it is somehow still there.
+
+Refused handshakes (a broker we start): the main instance's log names each connection the
+operational listener turned away during the TLS handshake, and ``on_refused`` hears of it with
+its address, time and reason (see ``gateway.mosquitto.handshakes`` for what Mosquitto's log
+cannot tell: the certificate's subject and issuer, and why its verification failed).
 """
 
 from __future__ import annotations
@@ -91,6 +103,7 @@ from gateway.acl import (
     Principal,
     PrincipalKind,
 )
+from gateway.broker.refusals import RefusedConnection
 from gateway.broker_control import IdentityLike
 from gateway.mosquitto import dynsec
 from gateway.mosquitto.commit import GroupCommit
@@ -105,6 +118,7 @@ from gateway.mosquitto.enrollment import (
 )
 from gateway.mosquitto.errors import MosquittoError, MosquittoReason
 from gateway.mosquitto.files import rotate_if_large, write_atomic
+from gateway.mosquitto.handshakes import HandshakeRefused, HandshakeWatch
 from gateway.mosquitto.patterns import render_device_patterns
 from gateway.mosquitto.process import (
     MosquittoProcess,
@@ -132,6 +146,7 @@ log = logging.getLogger(__name__)
 
 LOG_NOTICE_TOPIC = "$SYS/broker/log/N"  # connections come and go at notice level
 LOG_INFO_TOPIC = "$SYS/broker/log/I"  # "Reloading config." is logged at info level
+LOG_ERROR_TOPIC = "$SYS/broker/log/E"  # a refused handshake's OpenSSL error (``handshakes``)
 MONITOR_USERNAME = "_fg_monitor"
 _RELOAD_NOTICE = "Reloading config."
 _PORT_RETRIES = 3
@@ -307,6 +322,7 @@ class MosquittoBroker:
         on_clone: Callable[[Principal, str, str], None] | None = None,
         on_connect: Callable[[Principal, str], None] | None = None,
         on_disconnect: Callable[[Principal], None] | None = None,
+        on_refused: Callable[[RefusedConnection], None] | None = None,
         observer: Observer | None = None,
         command_timeout: float = 10.0,
         device_patterns: bool = False,
@@ -316,7 +332,18 @@ class MosquittoBroker:
     ) -> None:
         """``follow_sessions=False`` (an external broker only): the admin connection leaves the
         main instance's connection notices unread until ``follow_sessions(True)`` (see that
-        method)."""
+        method).
+
+        ``on_refused`` (a broker we start only): every TLS handshake the operational listener
+        refuses, as a ``RefusedConnection`` with the address, the time and a reason code
+        (``gateway.mosquitto.handshakes``: ``no_client_certificate``, ``certificate_invalid``
+        for any certificate that failed verification, ``client_rejected_server``,
+        ``connection_closed``, ``tls_handshake_failed``). Mosquitto logs nothing of the
+        certificate, so ``cert_subject``, ``cert_issuer``, ``cert_fingerprint`` and
+        ``cert_serial`` are None, ``client_id`` too (a refused handshake sends no CONNECT); it
+        does not say which CA issued a rogue certificate, nor whether a certificate was
+        revoked, expired or of a foreign CA. An external broker's log is its operator's: not
+        read for this."""
         if not isinstance(run_dir, Path):
             raise TypeError(f"run_dir must be a Path, not {type(run_dir).__name__}")
         for name in ("host", "enrollment_port", "operational_port", "internal_port"):
@@ -332,6 +359,8 @@ class MosquittoBroker:
                 raise ValueError("an external broker needs the admin password of its dynsec plugin")
             if 0 in ports.values():
                 raise ValueError("an external broker's ports must be given (0 is not a port there)")
+            if on_refused is not None:
+                raise ValueError("an external broker's refusals are in its own log, not read")
         else:
             if tls is None or crl_pem is None:
                 raise ValueError("a managed broker needs its TLS material and a CRL")
@@ -354,6 +383,7 @@ class MosquittoBroker:
             ("on_clone", on_clone),
             ("on_connect", on_connect),
             ("on_disconnect", on_disconnect),
+            ("on_refused", on_refused),
             ("observer", observer),
         ):
             if callback is not None and not callable(callback):
@@ -398,6 +428,7 @@ class MosquittoBroker:
         self._on_clone = on_clone
         self._on_connect = on_connect
         self._on_disconnect = on_disconnect
+        self._on_refused = on_refused
         self._observer = observer
         self._follow_sessions: bool = bool(follow_sessions)
 
@@ -410,6 +441,10 @@ class MosquittoBroker:
         # Whether every session of the main instance was seen begin: a broker we start, read
         # since it started with no gap; never for one followed from some moment on.
         self._sessions_whole = False
+        self._handshakes = HandshakeWatch(())  # its TLS port is known at start
+        # device sessions judged clones, cut once the identity's quarantine is in force
+        self._clones: dict[str, Session] = {}
+        self._cuts: set[asyncio.Task[None]] = set()  # sessions being cut (``_cut``)
         self._enrollment_tracker = SessionTracker()
         self._bridges_ready = asyncio.Event()
         self._enforced: dict[str, dynsec.Enforcement] = {}
@@ -450,9 +485,10 @@ class MosquittoBroker:
         `log_dest topic`, which only makes connected() empty. The info lines only tell that a
         SIGHUP we sent was taken: an external broker is reloaded by its owner (the cluster's
         keeper), and every gateway of a cluster reading them for nothing cost each a message
-        per line of the fleet's connections."""
+        per line of the fleet's connections. The error lines name refused handshakes (see
+        ``on_refused``), for a broker we start only, like the info lines."""
         notices = (LOG_NOTICE_TOPIC,) if self._follow_sessions else ()
-        return notices if self._external else (*notices, LOG_INFO_TOPIC)
+        return notices if self._external else (*notices, LOG_INFO_TOPIC, LOG_ERROR_TOPIC)
 
     @property
     def follows_sessions(self) -> bool:
@@ -538,6 +574,7 @@ class MosquittoBroker:
             else:
                 self._write_run_dir()
                 await self._start_main()
+                self._handshakes = HandshakeWatch((self._ports["operational"],))
                 # the admin link reads the main instance's notices before the bridge can
                 # connect, so the bridge's arrival is not missed
                 await self._start_link(self._admin)
@@ -551,6 +588,11 @@ class MosquittoBroker:
             raise
 
     async def stop(self) -> None:
+        cuts, self._cuts = self._cuts, set()
+        for cut in cuts:
+            cut.cancel()
+        await asyncio.gather(*cuts, return_exceptions=True)
+        self._clones.clear()
         for link in (self._monitor, self._admin):
             task, link.task = link.task, None
             if task is not None:
@@ -653,6 +695,11 @@ class MosquittoBroker:
         write_atomic(self._crl_path, crl_pem)
         self._crl_pem = crl_pem
         await self._reload(process)
+        # Sessions of revoked identities are cut as they are seen (``_observe``); one whose
+        # cut failed gets another now that the CRL keeps its reconnects out.
+        for client_id, session in self._tracker.sessions().items():
+            if self._revoked_session(session):
+                self._cut(client_id, "revoked")
 
     def connected(self) -> dict[str, Principal]:
         """Client id -> who, from the brokers' connection notices (approximate: see
@@ -731,6 +778,16 @@ class MosquittoBroker:
                 if instance.name == "main":
                     self._judge_takeover(change.replaced, session)
             self._tell(instance, session, connected=True)
+            if instance.name == "main" and self._revoked_session(session):
+                # Revocation sets the deny-all role and kicks, then the gateway installs the
+                # new CRL (``publish_crl``): a reconnect in between completes its handshake
+                # under the old CRL and gets CONNACK. Kicking once more after the reload would
+                # not close that for sure (a handshake done under the old CRL may send its
+                # CONNECT after that kick; a CRL signed before a later revocation is reloaded
+                # after it). Every session of a revoked identity, whenever it began, shows in
+                # a notice like this one: cutting each one as it is seen leaves none, and once
+                # the CRL is in force no handshake of the identity gets this far.
+                self._cut(session.client_id, "revoked")
         else:
             if bridge:
                 self._bridges_up.discard(session.client_id)
@@ -777,6 +834,8 @@ class MosquittoBroker:
         for session in instance.tracker.clear():
             self._tell(instance, session, connected=False)
         if instance.name == "main":
+            self._handshakes.clear()
+            self._clones.clear()
             # devices reconnect before the admin connection does: some are never seen begin
             self._sessions_whole = False
             self._bridges_up.clear()
@@ -1032,12 +1091,52 @@ class MosquittoBroker:
             if future is not None and not future.done():
                 future.set_result(response)
         elif topic == LOG_NOTICE_TOPIC:
+            line = payload.decode("utf-8", "replace")
             if self._follow_sessions:  # not one that was under way as they were left
-                self._observe(self._main_instance(), payload.decode("utf-8", "replace"))
+                self._observe(self._main_instance(), line)
+            if not self._external:
+                self._watch_handshake(line)
+        elif topic == LOG_ERROR_TOPIC:
+            self._watch_handshake(payload.decode("utf-8", "replace"))
         elif topic == LOG_INFO_TOPIC and payload.rstrip().endswith(_RELOAD_NOTICE.encode()):
             for waiter in self._reload_waiters:
                 if not waiter.done():
                     waiter.set_result(None)
+
+    def _watch_handshake(self, line: str) -> None:
+        refused = self._handshakes.feed(line)
+        if refused is not None and refused.port in (None, self._ports["operational"]):
+            self._refused(refused)
+
+    def _refused(self, refused: HandshakeRefused) -> None:
+        """Tell ``on_refused`` of a handshake the operational listener refused (the only TLS
+        listener of the main instance)."""
+        detail = refused.detail
+        if refused.candidates > 1:
+            detail += (
+                f" ({refused.candidates} handshakes were under way: the address may be "
+                "another of them)"
+            )
+        log.info("refused %s on %s: %s (%s)", refused.address, LISTENER_OPERATIONAL,
+                 refused.reason, refused.detail)
+        if self._on_refused is None:
+            return
+        try:
+            self._on_refused(
+                RefusedConnection(
+                    listener=LISTENER_OPERATIONAL,
+                    remote=refused.address,
+                    reason=refused.reason.value,
+                    client_id=None,
+                    cert_subject=None,  # Mosquitto logs nothing of the certificate
+                    cert_issuer=None,
+                    cert_fingerprint=None,
+                    at=self._clock.now(),
+                    detail=detail,
+                )
+            )
+        except Exception:
+            log.exception("on_refused callback failed")
 
     def _on_monitor_message(self, topic: str, payload: bytes) -> None:
         if topic == LOG_NOTICE_TOPIC:
@@ -1071,6 +1170,42 @@ class MosquittoBroker:
             self._on_clone(principal, previous.address, current.address)
         except Exception:
             log.exception("on_clone callback failed")
+        # The embedded broker refuses the second session; Mosquitto gave it the first one's
+        # place. Cut it once the quarantine the gateway is applying is in force, so that its
+        # reconnect, if any, finds the device quarantined (see ``_quarantine_in_force``).
+        self._clones[current.username] = current
+        if known.state is IdentityState.QUARANTINED:
+            self._quarantine_in_force(current.username)  # no quarantine follows: it holds
+
+    def _quarantine_in_force(self, identity: str) -> None:
+        """Cut the session judged a clone of ``identity``, if it is still the live one."""
+        clone = self._clones.pop(identity, None)
+        if clone is not None:
+            self._cut(identity, "clone", only=clone)
+
+    def _revoked_session(self, session: Session) -> bool:
+        """A certificate's session on the operational listener, of an identity revoked here."""
+        if session.port != self._ports["operational"] or session.username is None:
+            return False
+        known = self._enforced.get(session.username)
+        return known is not None and known.state is IdentityState.REVOKED
+
+    def _cut(self, client_id: str, why: str, *, only: Session | None = None) -> None:
+        """End ``client_id``'s session on the main instance, in the background: a take-over
+        through the admin account (no dynsec command, so no rewrite of the plugin's file).
+        ``only``: unless that is no longer the live session."""
+
+        async def cut() -> None:
+            if only is not None and self._tracker.sessions().get(client_id) != only:
+                return
+            try:
+                await self._take_over(client_id, self._admin)
+            except MosquittoError as exc:
+                log.warning("could not cut the %s session of %s: %s", why, client_id, exc)
+
+        task = asyncio.create_task(cut(), name=f"mosquitto-cut-{why}")
+        self._cuts.add(task)
+        task.add_done_callback(self._cuts.discard)
 
     def _admin_lost(self) -> None:
         self._sessions_whole = False  # notices sent meanwhile are missed
@@ -1188,12 +1323,14 @@ class MosquittoBroker:
             self._commit.promote(identity)
         try:
             async with lane.lock:
-                if not force and self._enforced.get(identity) == target:
-                    return False
-                await self._send_enforcement(
-                    target, urgent=lambda: urgent or lane.urgent > 0, certain=certain
-                )
-                return True
+                sent = force or self._enforced.get(identity) != target
+                if sent:
+                    await self._send_enforcement(
+                        target, urgent=lambda: urgent or lane.urgent > 0, certain=certain
+                    )
+            if target.state is IdentityState.QUARANTINED:
+                self._quarantine_in_force(identity)
+            return sent
         finally:
             lane.users -= 1
             if urgent:

@@ -1,26 +1,18 @@
-"""Keeping Mosquitto's CRL valid: a CRL whose nextUpdate has passed makes Mosquitto refuse
-every client certificate, revoked or not, so the CRL is re-signed well before that."""
+"""Checking a CRL before Mosquitto gets it: a CRL whose nextUpdate has passed makes Mosquitto
+refuse every client certificate, revoked or not. The gateway re-signs the CRL at a quarter of
+its validity (``Gateway._refresh_crl_if_leading``, at most hourly); a cluster's broker keeper
+when ``needs_refresh`` says so."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Protocol
 
 from cryptography import x509
 
 from gateway.mosquitto.errors import MosquittoError, MosquittoReason
-from pki.clock import Clock, require_aware
+from pki.clock import require_aware
 
-__all__ = ["CrlKeeper", "CrlPublisher", "check_crl", "needs_refresh"]
-
-log = logging.getLogger(__name__)
-
-
-class CrlPublisher(Protocol):
-    async def publish_crl(self, crl_pem: bytes) -> None: ...
+__all__ = ["check_crl", "needs_refresh"]
 
 
 def check_crl(crl_pem: bytes, now: datetime) -> x509.CertificateRevocationList:
@@ -57,55 +49,3 @@ def needs_refresh(crl_pem: bytes | None, now: datetime, margin: timedelta) -> bo
         return True
     next_update = crl.next_update_utc
     return next_update is None or next_update - now <= margin
-
-
-class CrlKeeper:
-    """Re-publishes a freshly built CRL when the current one nears its nextUpdate.
-
-    ``build`` returns a new PEM CRL (the gateway's ``crl_pem``); it runs in a thread, since
-    signing a large CRL takes a while. Call ``refresh()`` after every revocation (``force``)
-    and let ``run()`` cover expiry.
-    """
-
-    def __init__(
-        self,
-        broker: CrlPublisher,
-        build: Callable[[], bytes],
-        clock: Clock,
-        *,
-        margin: timedelta = timedelta(minutes=30),
-    ) -> None:
-        if not callable(build):
-            raise TypeError("build must be callable")
-        if not isinstance(margin, timedelta) or margin < timedelta(0):
-            raise ValueError("margin must be a non-negative timedelta")
-        self._broker = broker
-        self._build = build
-        self._clock = clock
-        self._margin = margin
-        self._current: bytes | None = None
-
-    @property
-    def current(self) -> bytes | None:
-        return self._current
-
-    async def refresh(self, *, force: bool = False) -> bool:
-        """Publish a new CRL if forced or due; True when one was published."""
-        if not force and not needs_refresh(self._current, self._clock.now(), self._margin):
-            return False
-        crl_pem = await asyncio.to_thread(self._build)
-        await self._broker.publish_crl(crl_pem)
-        self._current = crl_pem
-        return True
-
-    async def run(self, interval: float = 60.0) -> None:
-        """Check every ``interval`` seconds until cancelled; a failure is logged and retried
-        at the next check, never fatal."""
-        if interval <= 0:
-            raise ValueError("interval must be positive")
-        while True:
-            try:
-                await self.refresh()
-            except Exception:
-                log.exception("could not refresh the broker's CRL")
-            await asyncio.sleep(interval)

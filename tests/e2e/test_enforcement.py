@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from test_enrollment import device, drive
 
 from gateway import operations
+from gateway.broker import EmbeddedBroker
 from gateway.mosquitto import (
     MosquittoBroker,
     MosquittoError,
@@ -440,6 +441,77 @@ async def test_revocation_cuts_the_session_and_keeps_the_certificate_out(
     assert await admitted(port, b.tls(gateway), b.id)
 
 
+def _open_session(port: int, tls: ssl.SSLContext, client_id: str) -> ssl.SSLSocket | None:
+    """A CONNECT on a connection kept open: the socket when the broker accepted it, else
+    None."""
+    cid = client_id.encode()
+    body = b"\x00\x04MQTT\x04\x02\x00\x3c" + len(cid).to_bytes(2, "big") + cid
+    try:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+        conn = tls.wrap_socket(raw, server_hostname="127.0.0.1")
+        conn.sendall(bytes((0x10, len(body))) + body)
+        if conn.recv(4) == CONNACK_ACCEPTED:
+            return conn
+        conn.close()
+    except (OSError, ssl.SSLError):
+        pass
+    return None
+
+
+def _still_open(conn: ssl.SSLSocket) -> bool:
+    """True while the broker has not closed ``conn`` (nothing to read, no end of stream)."""
+    conn.settimeout(0.2)
+    try:
+        return conn.recv(1) != b""
+    except TimeoutError:
+        return True
+    except OSError:
+        return False
+
+
+async def test_a_revoked_device_reconnecting_during_the_revocation_keeps_no_session(
+    gateway_and_factory,
+) -> None:
+    """The device reconnects as fast as it can while it is revoked: whatever CONNACK it gets
+    meanwhile (on Mosquitto the old CRL admits it until the new one is loaded), no session of
+    it is left a second after the revocation returned."""
+    gateway, factory = gateway_and_factory
+    a = await enroll(gateway, factory, "th-r003")
+    port, tls = gateway.ports.operational, a.tls(gateway)
+    kept: list[ssl.SSLSocket] = []
+    stop = asyncio.Event()
+
+    async def reconnect_loop() -> None:
+        while not stop.is_set():
+            conn = await asyncio.to_thread(_open_session, port, tls, a.id)
+            if conn is not None:
+                kept.append(conn)
+
+    loop = asyncio.create_task(reconnect_loop())
+    try:
+        await asyncio.sleep(0.3)  # sessions taking each other over
+        assert kept, "the device never got in before its revocation"
+        admitted_before = len(kept)
+        await gateway.revoke(a.id, actor="test:operator", reason="key compromised")
+        returned = asyncio.get_running_loop().time()
+        await asyncio.sleep(0.3)  # still trying after the revocation returned
+    finally:
+        stop.set()
+        await loop
+    try:
+        await asyncio.sleep(returned + 1.0 - asyncio.get_running_loop().time())
+        live = [conn for conn in kept if await asyncio.to_thread(_still_open, conn)]
+        assert live == [], (
+            f"{len(live)} of {len(kept)} sessions still open 1 s after the revocation "
+            f"({admitted_before} admitted before it began)"
+        )
+        assert gateway.broker is not None and a.id not in gateway.broker.connected()
+        assert not await admitted(port, tls, a.id)
+    finally:
+        for conn in kept:
+            conn.close()
+
+
 # -- who may connect --------------------------------------------------------------------------
 
 
@@ -612,14 +684,18 @@ async def test_a_device_live_from_two_hosts_is_quarantined_as_a_clone(
             await telemetry_refused(survivor, watch, a)
             assert not original.lost.done()
         else:
-            # Mosquitto hands the session to the newcomer before anyone can ask; the gateway
-            # quarantines the identity right after
+            # Mosquitto hands the session to the newcomer before anyone can ask, closing the
+            # first; the gateway quarantines the identity right after, and once that is in
+            # force the newcomer's session is cut too
             async with online(gateway, a, bind_address="127.0.0.2") as clone:
                 await original.ends(within=WITHIN)
                 await record_of_clone(gateway, a.id)
-                await quarantine_in_force(clone, watch, a)
-                await telemetry_refused(clone, watch, a)
-                assert not clone.lost.done()
+                await clone.ends(within=WITHIN)
+            # whichever reconnects finds the device quarantined
+            async with online(gateway, a) as survivor:
+                await quarantine_in_force(survivor, watch, a)
+                await telemetry_refused(survivor, watch, a)
+                assert not survivor.lost.done()
 
 
 # -- clients we did not write -----------------------------------------------------------------
@@ -701,6 +777,9 @@ async def test_mosquitto_clients_with_an_issued_certificate(
     # (Mosquitto 2.0.11 grants every subscription under acl_file and judges each delivery)
     async with observer(gateway) as watch:
         await watch.publish(topics.telemetry("th-other"), b"not for a", retain=True)
+    # the positive control: a client allowed to read it gets the retained message at once
+    async with observer(gateway) as control:
+        await control.expect(topics.telemetry("th-other"), b"not for a")
     denied = await asyncio.to_thread(
         mosquitto_client, "mosquitto_sub", gateway, a, files,
         "-t", topics.telemetry("th-other"), "-W", "2",
@@ -736,5 +815,8 @@ async def test_openssl_sees_a_revoked_certificate_refused(
     if broker_kind == "mosquitto":
         assert "certificate revoked" in output
     else:
-        # Python's asyncio TLS closes a refused handshake without sending the alert
+        # Python's asyncio TLS closes a refused handshake without sending the alert...
         assert "certificate revoked" in output or "unexpected eof" in output, output
+        # ...but the broker knew why, and said so
+        assert isinstance(gateway.broker, EmbeddedBroker)
+        assert gateway.broker.metrics["refused.certificate_revoked"] == 1

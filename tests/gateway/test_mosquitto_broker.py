@@ -390,12 +390,14 @@ async def test_revocation_cuts_the_session_and_the_crl_refuses_the_certificate(
         await broker.apply("dev-r", IdentityState.REVOKED)
         await asyncio.wait_for(asyncio.shield(r.lost), 3)
 
-    # between deleteClient and the CRL, the certificate still connects but gets no rights
-    async with spy(broker) as watcher, device(broker, pki, "dev-r") as r:
-        assert await watcher.subscribe("fg/#")
-        assert not await r.subscribe(topics.commands_filter("dev-r"))
-        await r.publish(topics.telemetry("dev-r"), b"after revocation")
-        await watcher.nothing()
+    # between the deny-all role and the CRL, the certificate still completes a handshake (and
+    # gets no rights), but its session is cut as soon as the broker sees it
+    async with device(broker, pki, "dev-r") as r:
+        await asyncio.wait_for(asyncio.shield(r.lost), 3)
+    deadline = time.monotonic() + 3  # the notices of the cut follow
+    while "dev-r" in broker.connected():
+        assert time.monotonic() < deadline, "dev-r still listed as connected"
+        await asyncio.sleep(0.02)
 
     assert await accepted(broker, "operational", pki.context(pki.credential("dev-r")))
     await broker.publish_crl(pki.crl(pki.credential("dev-r")))
@@ -676,6 +678,45 @@ async def test_a_device_live_from_two_hosts_is_reported_as_a_clone(
         await broker.stop()
 
 
+async def test_a_clone_loses_the_session_once_the_device_is_quarantined(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """What the gateway does on a clone (quarantine it), and what follows on Mosquitto: the
+    session the clone took over is cut once the quarantine is in force; whoever reconnects is
+    quarantined; a clone taking over a quarantined device's session is cut at once."""
+    quarantines: list[asyncio.Task[None]] = []
+
+    def quarantine(principal: Principal, first: str, second: str) -> None:
+        quarantines.append(
+            asyncio.ensure_future(guarded.apply(principal.name, IdentityState.QUARANTINED))
+        )
+
+    guarded = await start_broker(pki, tmp_path / "run", on_clone=quarantine)
+    try:
+        await guarded.apply("dev-c", IdentityState.ACTIVE)
+        async with device(guarded, pki, "dev-c") as first:
+            await connected_from(guarded, "dev-c", "127.0.0.1")
+            async with device(guarded, pki, "dev-c", bind_address="127.0.0.2") as clone:
+                await asyncio.wait_for(asyncio.shield(first.lost), 3)
+                await asyncio.wait_for(asyncio.shield(clone.lost), 3)
+        assert len(quarantines) == 1
+        await quarantines[0]
+        async with spy(guarded) as watcher, device(guarded, pki, "dev-c") as again:
+            assert await watcher.subscribe("fg/#")
+            await again.publish(topics.telemetry("dev-c"), b"not while quarantined")
+            await again.publish(topics.quarantine("dev-c", "report"), b"quarantined")
+            assert await watcher.next() == (topics.quarantine("dev-c", "report"), b"quarantined")
+            await connected_from(guarded, "dev-c", "127.0.0.1")
+            # quarantined already: the next clone's takeover is cut without waiting for anyone
+            async with device(guarded, pki, "dev-c", bind_address="127.0.0.3") as clone:
+                await asyncio.wait_for(asyncio.shield(again.lost), 3)
+                await asyncio.wait_for(asyncio.shield(clone.lost), 3)
+        assert len(quarantines) == 2
+    finally:
+        await asyncio.gather(*quarantines, return_exceptions=True)
+        await guarded.stop()
+
+
 async def test_takeovers_that_are_not_a_device_clone_are_not_reported(
     pki: Pki, tmp_path: Path
 ) -> None:
@@ -840,7 +881,7 @@ async def test_the_observer_sees_a_takeover_end_one_session_and_begin_another(
         while len(observed) < 4:
             assert time.monotonic() < deadline, observed
             await asyncio.sleep(0.02)
-        kinds = [(type(o).__name__, o.identity) for o in observed]  # type: ignore[union-attr]
+        kinds = [(type(o).__name__, o.identity) for o in observed]
         assert kinds == [
             ("Connected", "dev-ob"),
             ("Disconnected", "dev-ob"),
@@ -882,6 +923,9 @@ async def test_mosquitto_clients_with_an_issued_certificate(
         assert denied.returncode == 0, denied.stderr  # MQTT 3.1.1 cannot say "denied"
         assert await watcher.next() == (topics.telemetry("dev-cli"), b"from the shell")
         await watcher.nothing()
+    async with spy(broker) as control:  # a client allowed to read it gets it, retained
+        assert await control.subscribe(topics.telemetry("dev-other"))
+        assert await control.next() == (topics.telemetry("dev-other"), b"retained")
     sub = await asyncio.to_thread(
         _mosquitto_client, "mosquitto_sub", broker, pki,
         "-t", topics.telemetry("dev-other"), "-W", "2",
@@ -947,7 +991,7 @@ async def test_an_external_broker_is_driven_through_its_admin_account(
             assert time.monotonic() < deadline, observed
             await asyncio.sleep(0.02)
         assert [type(o) for o in observed] == [observe.Connected, observe.Disconnected]
-        assert {o.identity for o in observed} == {"dev-ext"}  # type: ignore[union-attr]
+        assert {o.identity for o in observed} == {"dev-ext"}
         crl = pki.crl()
         await external.publish_crl(crl)
         assert (tmp_path / "crl-for-operator.pem").read_bytes() == crl

@@ -1,9 +1,9 @@
-"""Keeping Mosquitto's CRL valid: an expired CRL is refused before it can lock everyone out,
-and the keeper re-signs ahead of nextUpdate."""
+"""Keeping Mosquitto's CRL valid: an expired CRL is refused before it can lock everyone out, and
+``needs_refresh`` says when the cluster's keeper re-signs (a gateway's own re-signing is in
+test_crl_validity)."""
 
 from __future__ import annotations
 
-import asyncio
 from datetime import timedelta
 from pathlib import Path
 
@@ -11,7 +11,6 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from gateway.mosquitto import (
-    CrlKeeper,
     Listeners,
     MosquittoBroker,
     MosquittoError,
@@ -66,61 +65,6 @@ def test_refresh_is_due_when_missing_unreadable_or_near_expiry() -> None:
     assert needs_refresh(b"junk", now, margin)
     assert not needs_refresh(crl_pem(), now, margin)
     assert needs_refresh(crl_pem(), now + VALIDITY - margin, margin)
-
-
-class Publisher:
-    def __init__(self) -> None:
-        self.published: list[bytes] = []
-
-    async def publish_crl(self, crl: bytes) -> None:
-        self.published.append(crl)
-
-
-async def test_the_keeper_publishes_first_then_only_when_due_or_forced() -> None:
-    clock = FakeClock()
-    numbers = iter(range(1, 100))
-    publisher = Publisher()
-    keeper = CrlKeeper(
-        publisher, lambda: crl_pem(clock, next(numbers)), clock, margin=timedelta(minutes=10)
-    )
-    assert await keeper.refresh() is True
-    assert await keeper.refresh() is False
-    clock.advance(VALIDITY - timedelta(minutes=5))
-    assert await keeper.refresh() is True
-    assert await keeper.refresh(force=True) is True  # after a revocation
-    assert len(publisher.published) == 3
-    assert keeper.current == publisher.published[-1]
-
-
-async def test_the_keeper_loop_survives_a_failure() -> None:
-    clock = FakeClock()
-    calls = 0
-
-    def build() -> bytes:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise RuntimeError("signing key busy")
-        return crl_pem(clock, calls)
-
-    publisher = Publisher()
-    keeper = CrlKeeper(publisher, build, clock)
-    task = asyncio.create_task(keeper.run(interval=0.01))
-    for _ in range(200):
-        if publisher.published:
-            break
-        await asyncio.sleep(0.01)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert calls >= 2 and len(publisher.published) == 1
-
-
-def test_keeper_arguments_are_checked() -> None:
-    with pytest.raises(TypeError):
-        CrlKeeper(Publisher(), b"not callable", CLOCK)  # type: ignore[arg-type]
-    with pytest.raises(ValueError):
-        CrlKeeper(Publisher(), crl_pem, CLOCK, margin=timedelta(seconds=-1))
 
 
 async def test_the_broker_refuses_an_expired_crl_before_touching_anything(tmp_path: Path) -> None:
