@@ -203,10 +203,22 @@ def _act(
     console.print(f"[green]{action}[/] {record.id}: now {record.state.value}")
 
 
+def _required_reason(reason: str) -> str:
+    """An audit entry that says nothing of why a device was cut off is no record at all."""
+    if not reason.strip():
+        raise typer.BadParameter("must not be empty: say why, it is kept in the audit trail")
+    return reason.strip()
+
+
+RequiredReason = Annotated[
+    str, typer.Option(help="Why; kept in the audit trail.", callback=_required_reason)
+]
+
+
 @app.command("quarantine")
 def quarantine_command(
     device_id: str,
-    reason: Annotated[str, typer.Option(help="Why; kept in the audit trail.")],
+    reason: RequiredReason,
     home: HomeOption = None,
 ) -> None:
     """Restrict a device to its quarantine topics; it stays connected and gets no renewal."""
@@ -226,7 +238,7 @@ def release_command(
 @app.command("revoke")
 def revoke_command(
     device_id: str,
-    reason: Annotated[str, typer.Option(help="Why; kept in the audit trail.")],
+    reason: RequiredReason,
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
     home: HomeOption = None,
 ) -> None:
