@@ -15,12 +15,19 @@ The driver (a simulator, a test, or firmware glue) owns the connections and the 
     IDLE --start--> HELLO_SENT --challenge--> ENROLL_SENT --certificate--> ENROLLED
     IDLE --start--> ENROLL_SENT                                 (token devices: no hello)
     ENROLL_SENT --pending--> PENDING --timeout--> ENROLL_SENT   (the same request again)
+    PENDING --certificate--> ENROLLED                 (an earlier copy's answer, once approved)
     ENROLLED --timeout at renew_at / renew()--> RENEW_SENT --certificate--> ENROLLED
     ENROLLED or RENEW_SENT with an expired certificate --> HELLO_SENT (re-attest)
     any --error with advice give_up--> FAILED;  restart --> IDLE (and start again at the deadline)
+    RENEW_SENT --error with advice reattest--> HELLO_SENT;  while enrolling it is a restart
+    any waiting state --error with advice retry--> the same state, the same request at the deadline
 
 A timeout while waiting resends the same request (same id, same bytes): the gateway answers a
 repeat from its store, so a lost message costs a delay, never a second nonce or certificate.
+Two counters pace the device: the resends of the request in flight double its answer timeout
+(reset by every new request), and the refusals since the last certificate double the pause
+before a retry or restart (a fresh challenge does not reset it: a device refused at every
+enroll must still slow down).
 """
 
 from __future__ import annotations
@@ -200,7 +207,8 @@ class DeviceClient:
         self.current: Enrolled | None = None  # the operational credential in use
         self._in_flight: _InFlight | None = None
         self._deadline: datetime | None = None
-        self._attempts = 0  # consecutive resends or restarts, for backoff
+        self._resends = 0  # of the request in flight: its answer timeout doubles with each
+        self._refusals = 0  # since the last certificate: the pause before trying again doubles
 
     # -- what the driver asks ------------------------------------------------------------------
 
@@ -240,6 +248,7 @@ class DeviceClient:
                 return self._send_enroll(response)
             case IssuedCertificate() if self.state in (
                 DeviceState.ENROLL_SENT,
+                DeviceState.PENDING,  # a copy sent before the pending answer, now approved
                 DeviceState.RENEW_SENT,
             ):
                 return self._accept(response, in_flight)
@@ -348,7 +357,6 @@ class DeviceClient:
             evidence=sign_evidence(self._credential.signer, claims),
             lifetime=self.lifetime,
         )
-        self._attempts = 0
         return self._send(request, Channel.ENROLL, DeviceState.ENROLL_SENT, key)
 
     def _accept(self, response: IssuedCertificate, in_flight: _InFlight) -> list[Event]:
@@ -381,7 +389,7 @@ class DeviceClient:
         self.current = enrolled
         self.state = DeviceState.ENROLLED
         self._in_flight = None
-        self._attempts = 0
+        self._refusals = 0
         self._deadline = renew_at
         return [enrolled]
 
@@ -411,10 +419,12 @@ class DeviceClient:
                 # Same request, same id, after a pause (the state stays: we still wait).
                 self._deadline = now + self._backoff()
                 return [rejected]
-            case Advice.REATTEST:
+            case Advice.REATTEST if renewing:
                 self._in_flight = None
                 return [rejected, *self.expired()]
         # RESTART: a new attempt after a pause; a renewal keeps its certificate meanwhile.
+        # REATTEST while enrolling too: there is no operational certificate to drop, and
+        # going straight back to hello would loop without a pause.
         self._in_flight = None
         self.state = DeviceState.ENROLLED if renewing and self.current else DeviceState.IDLE
         self._deadline = now + self._backoff()
@@ -425,8 +435,8 @@ class DeviceClient:
         if self.state is DeviceState.PENDING:
             self.state = DeviceState.ENROLL_SENT
         # The first wait was response_timeout; each resend waits twice as long as the last.
-        self._attempts = min(self._attempts + 1, 32)
-        self._deadline = self._clock.now() + self._delay(self._response_timeout)
+        self._resends = min(self._resends + 1, 32)
+        self._deadline = self._clock.now() + self._delay(self._response_timeout, self._resends)
         return [self._in_flight.send]
 
     def _send(
@@ -435,6 +445,7 @@ class DeviceClient:
         send = Send(topics.request_topic(channel, self.device_id), encode(request), channel)
         self._in_flight = _InFlight(request, send, key)
         self.state = state
+        self._resends = 0
         self._deadline = self._clock.now() + timedelta(seconds=self._response_timeout)
         return [send]
 
@@ -443,15 +454,15 @@ class DeviceClient:
     def _expired(self, now: datetime) -> bool:
         return self.current is not None and now >= self.current.not_after
 
-    def _delay(self, base: float) -> timedelta:
-        """``base`` doubled per attempt so far, capped, with +-10% jitter so that devices
+    def _delay(self, base: float, doublings: int) -> timedelta:
+        """``base`` doubled ``doublings`` times, capped, with +-10% jitter so that devices
         refused together do not come back together."""
-        seconds = min(base * 2**self._attempts, self._max_retry_after)
+        seconds = min(base * 2**doublings, self._max_retry_after)
         return timedelta(seconds=seconds * self._rng.uniform(0.9, 1.1))
 
     def _backoff(self) -> timedelta:
-        delay = self._delay(self._retry_after)
-        self._attempts = min(self._attempts + 1, 32)
+        delay = self._delay(self._retry_after, self._refusals)
+        self._refusals = min(self._refusals + 1, 32)
         return delay
 
     def _new_id(self) -> str:

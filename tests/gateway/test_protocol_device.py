@@ -538,3 +538,176 @@ def test_a_certificate_that_does_not_parse_is_not_installed(gw: LoopbackGateway)
     rejected = only(answer(client, enroll, junk), Rejected)
     assert rejected.advice is Advice.RESTART
     assert state(client) is DeviceState.IDLE
+
+
+# -- refusals in every waiting state ------------------------------------------------------
+
+
+def enroll_sent(gw: LoopbackGateway, serial: str = "dev-1") -> tuple[DeviceClient, Send]:
+    """A device whose enroll is on its way (hello and challenge done)."""
+    client = gw.device(serial)
+    hello = only(client.start(), Send)
+    (challenge,) = gw.service.handle(hello.topic, hello.payload)
+    enroll = only(client.receive(challenge.topic, challenge.payload), Send)
+    assert state(client) is DeviceState.ENROLL_SENT
+    return client, enroll
+
+
+def wait_of(client: DeviceClient, gw: LoopbackGateway) -> float:
+    deadline = client.next_deadline()
+    assert deadline is not None
+    return (deadline - gw.clock.now()).total_seconds()
+
+
+def refuse(client: DeviceClient, send: Send, reason: str) -> list[Event]:
+    return answer(client, send, Error(id=request_id(send), reason=reason))
+
+
+@pytest.mark.parametrize("reason", ["unavailable", "rate_limited"])
+def test_an_enroll_answered_retry_is_sent_again_byte_for_byte_after_a_pause(
+    gw: LoopbackGateway, reason: str
+) -> None:
+    client, enroll = enroll_sent(gw)
+    rejected = only(refuse(client, enroll, reason), Rejected)
+    assert rejected.advice is Advice.RETRY
+    assert state(client) is DeviceState.ENROLL_SENT
+    assert 4.5 <= wait_of(client, gw) <= 5.5
+    gw.clock.advance(wait_of(client, gw))
+    again = only(client.timeout(), Send)
+    assert again == enroll  # the same id and bytes: the nonce it carries is still good
+    only(gw.exchange(client, [again]), Enrolled)
+
+
+def test_an_enroll_answered_reattest_starts_over_from_hello_after_a_pause(
+    gw: LoopbackGateway,
+) -> None:
+    client, enroll = enroll_sent(gw)
+    rejected = only(refuse(client, enroll, "reattestation_required"), Rejected)
+    assert rejected.advice is Advice.REATTEST
+    # No operational certificate to drop: a new attempt, after the backoff (straight back
+    # to hello would loop without a pause should a gateway answer enrolls that way).
+    assert state(client) is DeviceState.IDLE
+    assert client.current is None
+    assert 4.5 <= wait_of(client, gw) <= 5.5
+    gw.clock.advance(wait_of(client, gw))
+    hello = only(client.timeout(), Send)
+    assert decode_request(hello.payload).TYPE == "hello"
+    assert request_id(hello) != request_id(enroll)
+    only(gw.exchange(client, [hello]), Enrolled)
+
+
+def test_a_renewal_answered_give_up_fails_for_good(gw: LoopbackGateway) -> None:
+    client = enrolled_client(gw)
+    current = client.current
+    assert current is not None
+    renew = only(client.renew(), Send)
+    rejected = only(refuse(client, renew, "device_revoked"), Rejected)
+    assert rejected.final and rejected.advice is Advice.GIVE_UP
+    assert state(client) is DeviceState.FAILED
+    assert client.next_deadline() is None
+    # Nothing more, not even re-attestation once the certificate has expired.
+    gw.clock.set(current.not_after + timedelta(days=1))
+    assert client.timeout() == []
+    assert refuse(client, renew, "device_revoked") == []
+    with pytest.raises(RuntimeError):
+        client.renew()
+
+
+@pytest.mark.parametrize("reason", ["unavailable", "rate_limited"])
+def test_a_renewal_answered_retry_keeps_the_certificate_and_resends(
+    gw: LoopbackGateway, reason: str
+) -> None:
+    client = enrolled_client(gw)
+    current = client.current
+    renew = only(client.renew(), Send)
+    rejected = only(refuse(client, renew, reason), Rejected)
+    assert rejected.advice is Advice.RETRY
+    assert state(client) is DeviceState.RENEW_SENT
+    assert client.current == current
+    assert 4.5 <= wait_of(client, gw) <= 5.5
+    gw.clock.advance(wait_of(client, gw))
+    again = only(client.timeout(), Send)
+    assert again == renew and again.channel is Channel.RENEW
+    renewed = only(gw.exchange(client, [again]), Enrolled)
+    assert renewed.renewal
+
+
+def pending_client() -> tuple[LoopbackGateway, DeviceClient, Send]:
+    gw = LoopbackGateway(auto_approve=())
+    client, enroll = enroll_sent(gw)
+    only(gw.exchange(client, [enroll]), AwaitingApproval)
+    assert state(client) is DeviceState.PENDING
+    return gw, client, enroll
+
+
+def test_pending_then_revoked_gives_up() -> None:
+    # A second copy of the enroll (sent before the pending answer came) is answered after an
+    # operator revoked the device.
+    gw, client, enroll = pending_client()
+    rejected = only(refuse(client, enroll, "device_revoked"), Rejected)
+    assert rejected.final
+    assert state(client) is DeviceState.FAILED
+    assert client.next_deadline() is None
+    gw.clock.advance(3600)
+    assert client.timeout() == []
+
+
+def test_pending_then_unavailable_keeps_waiting_and_sends_the_same_enroll() -> None:
+    gw, client, enroll = pending_client()
+    rejected = only(refuse(client, enroll, "unavailable"), Rejected)
+    assert rejected.advice is Advice.RETRY
+    assert state(client) is DeviceState.PENDING
+    assert 4.5 <= wait_of(client, gw) <= 5.5
+    gw.clock.advance(wait_of(client, gw))
+    again = only(client.timeout(), Send)
+    assert again == enroll
+    assert state(client) is DeviceState.ENROLL_SENT
+    gw.approve("dev-1")
+    only(gw.exchange(client, [again]), Enrolled)
+
+
+def test_pending_then_a_restart_code_begins_a_new_attempt_after_a_pause() -> None:
+    gw, client, enroll = pending_client()
+    rejected = only(refuse(client, enroll, "device_quarantined"), Rejected)
+    assert rejected.advice is Advice.RESTART
+    assert state(client) is DeviceState.IDLE
+    assert 4.5 <= wait_of(client, gw) <= 5.5
+    gw.clock.advance(wait_of(client, gw))
+    hello = only(client.timeout(), Send)
+    assert decode_request(hello.payload).TYPE == "hello"
+
+
+def test_a_certificate_that_arrives_while_pending_is_installed() -> None:
+    # Two copies of the enroll were in flight: the first was answered pending, then an
+    # operator approved, and the second is answered with the certificate.
+    gw, client, enroll = pending_client()
+    gw.approve("dev-1")
+    (issued,) = gw.service.handle(enroll.topic, enroll.payload)
+    enrolled = only(client.receive(issued.topic, issued.payload), Enrolled)
+    assert state(client) is DeviceState.ENROLLED
+    assert client.next_deadline() == enrolled.renew_at
+
+
+def test_restart_backoff_grows_while_enrollments_are_refused(gw: LoopbackGateway) -> None:
+    # A device refused at enroll time after time (here: its clock is off) waits longer each
+    # time, although every attempt gets a fresh challenge first.
+    client = gw.device("dev-1", retry_after=5.0, max_retry_after=60.0)
+    waits = []
+    events = client.start()
+    for _ in range(6):
+        hello = only(events, Send)
+        (challenge,) = gw.service.handle(hello.topic, hello.payload)
+        enroll = only(client.receive(challenge.topic, challenge.payload), Send)
+        only(refuse(client, enroll, "clock_skew"), Rejected)
+        waits.append(wait_of(client, gw))
+        gw.clock.advance(waits[-1])
+        events = client.timeout()
+    assert waits[0] == pytest.approx(5, rel=0.11)
+    assert waits[1] == pytest.approx(10, rel=0.11)
+    assert waits[2] == pytest.approx(20, rel=0.11)
+    assert 54 <= max(waits) <= 66
+    # A certificate ends the streak: the next refusal waits the first pause again.
+    only(gw.exchange(client, events), Enrolled)
+    renew = only(client.renew(), Send)
+    only(refuse(client, renew, "device_quarantined"), Rejected)
+    assert 4.5 <= wait_of(client, gw) <= 5.5
