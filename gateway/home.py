@@ -186,9 +186,11 @@ def is_initialised(home: Path) -> bool:
 
 @dataclass(frozen=True)
 class GatewayKeys:
-    """The CA hierarchy and keys a running gateway needs, loaded from its home."""
+    """What a running gateway needs from its home: the issuing CA with its key, and the root
+    certificate (not its key: nothing at runtime signs with the root, so `ca/root.key` may be
+    moved off the box after `fleetgate init`)."""
 
-    root: CertificateAuthority
+    root_certificate: x509.Certificate
     issuing: CertificateAuthority
     keystore: EncryptedFileKeyStore
 
@@ -197,11 +199,10 @@ def load_keys(settings: Settings) -> GatewayKeys:
     keys = EncryptedFileKeyStore(settings.ca_dir, settings.passphrase())
     root_cert = x509.load_pem_x509_certificate((settings.ca_dir / "root.crt").read_bytes())
     issuing_cert = x509.load_pem_x509_certificate((settings.ca_dir / "issuing.crt").read_bytes())
-    root = CertificateAuthority(certificate=root_cert, signer=keys.load(ROOT_KEY), chain=())
     issuing = CertificateAuthority(
         certificate=issuing_cert, signer=keys.load(ISSUING_KEY), chain=(root_cert,)
     )
-    return GatewayKeys(root=root, issuing=issuing, keystore=keys)
+    return GatewayKeys(root_certificate=root_cert, issuing=issuing, keystore=keys)
 
 
 def load_manufacturer_roots(settings: Settings) -> tuple[x509.Certificate, ...]:

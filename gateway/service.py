@@ -248,7 +248,7 @@ class Gateway:
         self.clock = clock or SystemClock()
         self.store: Store = store if store is not None else SqlStore(settings.database)
         keys = load_keys(settings)
-        self.root_certificate = keys.root.certificate
+        self.root_certificate = keys.root_certificate
         self.issuing = keys.issuing
         self.issuer = Issuer(keys.issuing, self.clock)
         self.audit = AuditWriter(

@@ -164,7 +164,7 @@ def add_operator(
             )
         ],
     )
-    ca_chain = pem(keys.issuing.certificate) + pem(keys.root.certificate)
+    ca_chain = pem(keys.issuing.certificate) + pem(keys.root_certificate)
     profile = Profile(
         name=name,
         host=host or settings.broker.host,
