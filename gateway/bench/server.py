@@ -252,6 +252,7 @@ def _admit_in_batches() -> None:
     its whole JSON file for each message (O(devices) per admission). Admissions that arrive
     while one is being sent wait and go together in the next message."""
     from gateway import service
+    from gateway.admin.events import issued_certificate_data
     from gateway.store import IdentityState
 
     waiting: dict[int, list[tuple[str, asyncio.Future[None]]]] = {}
@@ -285,7 +286,9 @@ def _admit_in_batches() -> None:
             flushing[id(self)] = asyncio.ensure_future(flush(self))
         await future
         self.states.set(identity_id, IdentityState.ACTIVE)
-        self.emit("certificate_issued", identity_id)
+        # as Gateway._admit_certified: the new expiry and serial, so consoles update in place
+        data = issued_certificate_data(getattr(reply, "payload", None))
+        self.emit("certificate_issued", identity_id, **data)
 
     service.Gateway._admit_certified = admit  # type: ignore[method-assign]
 
