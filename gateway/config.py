@@ -18,7 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from gateway.anomaly.settings import AnomalySettings, AnomalySettingsError
-from gateway.enrollment.policy import MAX_CERT_LIFETIME, MAX_PENDING_RETRY_AFTER
+from gateway.enrollment.policy import (
+    MAX_CERT_LIFETIME,
+    MAX_CLOCK_SKEW_RANGE,
+    MAX_PENDING_RETRY_AFTER,
+    NONCE_TTL_RANGE,
+)
 from pki.keys import KeyType
 from pki.profile import IDENTITY_NAME_PATTERN, MIN_LEAF_LIFETIME, check_trust_domain
 
@@ -32,8 +37,8 @@ DATABASE_ENV = "FLEETGATE_DATABASE_URL"
 # deep inside the gateway when it starts (tests/gateway/test_config.py holds them together).
 MIN_CERT_LIFETIME = int(MIN_LEAF_LIFETIME.total_seconds())
 MAX_CERT_LIFETIME_SECONDS = int(MAX_CERT_LIFETIME.total_seconds())
-NONCE_TTL_BOUNDS = (5, 3600)
-CLOCK_SKEW_BOUNDS = (0, 86400)
+NONCE_TTL_BOUNDS = tuple(int(t.total_seconds()) for t in NONCE_TTL_RANGE)
+CLOCK_SKEW_BOUNDS = tuple(int(t.total_seconds()) for t in MAX_CLOCK_SKEW_RANGE)
 PENDING_RETRY_BOUNDS = (1, MAX_PENDING_RETRY_AFTER)
 # A CA outliving a century is a mistake, and certificate dates stop at the year 9999.
 MAX_CA_LIFETIME_DAYS = 36500

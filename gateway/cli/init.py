@@ -42,7 +42,7 @@ def init_command(
         _check_trust_domain(trust_domain)
     except ConfigError as exc:
         fail(str(exc))
-    passphrase = passphrase_from_environment()
+    passphrase = from_environment = passphrase_from_environment()
     if passphrase_file is not None:
         try:
             passphrase = passphrase_file.read_bytes().strip()
@@ -50,6 +50,12 @@ def init_command(
             fail(f"cannot read passphrase file: {exc.strerror}")
         if not passphrase:
             fail(f"{passphrase_file} is empty")
+        # Every later command prefers the variable: keys encrypted with the file would not open.
+        if from_environment is not None and from_environment != passphrase:
+            fail(
+                f"${PASSPHRASE_ENV} is set and differs from {passphrase_file}: the gateway "
+                "would read the variable and fail to open these keys; unset it or make them equal"
+            )
     try:
         result = init_home(
             folder,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import time
 from typing import Annotated
@@ -104,6 +105,9 @@ def sim_command(
         summary = await run_mode(options, factory, stop)
         return summary.as_dict()
 
+    # aiomqtt warns (as "mqtt") whenever more than ten publishes await their PUBACK, which a
+    # burst of renewals does by design; the fleet reports lost connections itself.
+    logging.getLogger("mqtt").setLevel(logging.ERROR)
     result = asyncio.run(main())
     if as_json:
         print_json(result)

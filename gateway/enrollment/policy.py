@@ -16,6 +16,8 @@ from pki.profile import MIN_LEAF_LIFETIME, check_trust_domain
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 MAX_CERT_LIFETIME = timedelta(days=30)
 MAX_PENDING_RETRY_AFTER = 3600
+NONCE_TTL_RANGE = (timedelta(seconds=5), timedelta(hours=1))
+MAX_CLOCK_SKEW_RANGE = (timedelta(0), timedelta(days=1))
 
 
 @dataclass(frozen=True)
@@ -101,9 +103,9 @@ class EnrollmentPolicy:
             raise ValueError("renew_fraction must lie between 0.1 and 0.95")
         if not 0 <= self.renew_jitter <= 0.2:
             raise ValueError("renew_jitter must lie between 0 and 0.2")
-        if not timedelta(seconds=5) <= self.nonce_ttl <= timedelta(hours=1):
+        if not NONCE_TTL_RANGE[0] <= self.nonce_ttl <= NONCE_TTL_RANGE[1]:
             raise ValueError("nonce_ttl must lie between 5 s and 1 h")
-        if not timedelta(0) <= self.max_clock_skew <= timedelta(days=1):
+        if not MAX_CLOCK_SKEW_RANGE[0] <= self.max_clock_skew <= MAX_CLOCK_SKEW_RANGE[1]:
             raise ValueError("max_clock_skew must lie between 0 and 1 day")
         if isinstance(self.pending_retry_after, bool) or not isinstance(
             self.pending_retry_after, int

@@ -103,6 +103,22 @@ def test_init_encrypts_with_the_passphrase_variable_when_it_is_set(
         load_keys(load_settings(folder))
 
 
+def test_init_refuses_a_passphrase_file_the_variable_would_override(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = tmp_path / "pass"
+    secret.write_text("from the file\n")
+    monkeypatch.setenv("FLEETGATE_PASSPHRASE", "from the environment")
+    args = ("init", "--home", str(tmp_path / "gw"), "--passphrase-file", str(secret))
+    code, output = fleetgate(*args)
+    assert code == 1 and "differs" in output
+    assert not (tmp_path / "gw" / "ca" / "root.crt").exists()
+    monkeypatch.setenv("FLEETGATE_PASSPHRASE", "from the file")
+    code, output = fleetgate(*args)
+    assert code == 0, output
+    load_keys(load_settings(tmp_path / "gw"))
+
+
 def test_init_on_a_half_made_home_refuses_and_keeps_the_passphrase(home: Path) -> None:
     (home / "ca" / "root.crt").unlink()
     passphrase = (home / "secrets" / "passphrase").read_bytes()
