@@ -37,8 +37,12 @@ DATABASE_ENV = "FLEETGATE_DATABASE_URL"
 # deep inside the gateway when it starts (tests/gateway/test_config.py holds them together).
 MIN_CERT_LIFETIME = int(MIN_LEAF_LIFETIME.total_seconds())
 MAX_CERT_LIFETIME_SECONDS = int(MAX_CERT_LIFETIME.total_seconds())
-NONCE_TTL_BOUNDS = tuple(int(t.total_seconds()) for t in NONCE_TTL_RANGE)
-CLOCK_SKEW_BOUNDS = tuple(int(t.total_seconds()) for t in MAX_CLOCK_SKEW_RANGE)
+def _seconds(bounds: tuple[timedelta, timedelta]) -> tuple[int, int]:
+    return int(bounds[0].total_seconds()), int(bounds[1].total_seconds())
+
+
+NONCE_TTL_BOUNDS = _seconds(NONCE_TTL_RANGE)
+CLOCK_SKEW_BOUNDS = _seconds(MAX_CLOCK_SKEW_RANGE)
 PENDING_RETRY_BOUNDS = (1, MAX_PENDING_RETRY_AFTER)
 # A CA outliving a century is a mistake, and certificate dates stop at the year 9999.
 MAX_CA_LIFETIME_DAYS = 36500

@@ -35,6 +35,7 @@ from gateway.admin import attach_admin
 from gateway.admin.events import issued_certificate_data
 from gateway.audit import AuditWriter
 from gateway.broker import EmbeddedBroker, ListenerConfig, RefusedConnection, TlsMaterial
+from gateway.broker.refusals import remote_host
 from gateway.broker_control import BrokerControl
 from gateway.cluster import (
     SHARE_GROUP,
@@ -398,8 +399,14 @@ class Gateway:
     def _refused(self, refused: RefusedConnection) -> None:
         """Remember who was turned away, aggregated (a device retrying all day is one row);
         written to the registry once a second for the console's "unknown identities"."""
+        anonymous = refused.cert_fingerprint is None and refused.client_id is None
         key = refusal_key(
-            refused.listener, refused.reason, refused.cert_fingerprint, refused.client_id
+            refused.listener,
+            refused.reason,
+            refused.cert_fingerprint,
+            refused.client_id,
+            # nothing else tells such clients apart: one row per source host, not one for all
+            source_host=remote_host(refused.remote) if anonymous else None,
         )
         previous = self._refusals.get(key)
         try:
@@ -436,7 +443,7 @@ class Gateway:
 
     async def _flush_refusals_if_any(self) -> None:
         """The periodic flush. A thread hop only when someone was refused: most seconds
-        nobody is, and a Mosquitto broker reports no refusals at all. The devices seen
+        nobody is (Mosquitto reports refused handshakes from its log). The devices seen
         connecting this second are written the same way."""
         loop = asyncio.get_running_loop()
         if self._refusals:
@@ -481,6 +488,7 @@ class Gateway:
                 on_clone=self._clone_seen,
                 on_connect=self._connected,
                 on_disconnect=self._disconnected,
+                on_refused=self._refused,
                 observer=observer,
             )
         return EmbeddedBroker(
@@ -750,9 +758,10 @@ class Gateway:
             await self.watch.evaluate()
 
     def _clone_seen(self, principal: Principal, first: str, second: str) -> None:
-        """The broker refused a second live session of one device: quarantine it, with the
-        evidence in the audit trail. An operator releases it after looking. (At once, not at
-        the watch's next evaluation: the watch hears of it too and finds it contained.)"""
+        """A second live session of one device (the embedded broker refused it; Mosquitto let
+        it take the session over and cuts it once the quarantine is in force): quarantine it,
+        with the evidence in the audit trail. An operator releases it after looking. (At once,
+        not at the watch's next evaluation: the watch hears of it too and finds it contained.)"""
         self.metrics["clones"] += 1
         self.watch.clone_seen(principal.name, first, second)
         self.emit("clone", principal.name, first=first, second=second)

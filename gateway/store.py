@@ -182,24 +182,31 @@ _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 
 
 def refusal_key(
-    listener: str, reason: str, cert_fingerprint: str | None, client_id: str | None
+    listener: str,
+    reason: str,
+    cert_fingerprint: str | None,
+    client_id: str | None,
+    source_host: str | None = None,
 ) -> str:
     """The aggregation key of a refused connection: sha256 hex of the fields joined with ``|``
     (``None`` as the empty string).
 
     Every caller uses this so that one device retrying all day is one row. ``listener``,
-    ``reason`` and ``cert_fingerprint`` may not contain ``|`` (ValueError), which keeps the
-    joined text unambiguous; ``client_id`` comes last and may contain anything.
+    ``reason``, ``cert_fingerprint`` and ``source_host`` may not contain ``|`` (ValueError),
+    which keeps the joined text unambiguous; ``client_id`` comes last and may contain anything.
+    ``source_host`` keeps apart clients that nothing else tells apart (no certificate and no
+    client id seen): without it every such client would share one row.
     """
     fields = (
         ("listener", listener),
         ("reason", reason),
         ("cert_fingerprint", cert_fingerprint),
+        *((("source_host", source_host),) if source_host is not None else ()),
         ("client_id", client_id),
     )
     parts = []
     for name, value in fields:
-        optional = name in ("cert_fingerprint", "client_id")
+        optional = name in ("cert_fingerprint", "client_id", "source_host")
         if value is None and optional:
             parts.append("")
             continue

@@ -58,7 +58,7 @@ from gateway.broker.connect import (
     read_connect,
 )
 from gateway.broker.ingress import IngressLimit, IngressMeter
-from gateway.broker.refusals import RefusalReason, RefusedConnection
+from gateway.broker.refusals import RefusalReason, RefusedConnection, remote_host
 from gateway.broker.tls import (
     CertificateInfo,
     TlsMaterial,
@@ -96,11 +96,6 @@ _CONNACK_FOR_REFUSAL: dict[str, ConnackCode] = {
 _INGRESS_LIMITED_KINDS = frozenset({"enrollee", "device"})
 _KICK_WAIT_SECONDS = 1.0
 _CONNACK_FLUSH_SECONDS = 1.0
-
-
-def _host(remote: str) -> str:
-    """The host part of a "host:port" peer (IPv6 hosts contain colons)."""
-    return remote.rsplit(":", 1)[0]
 
 
 def _tcp_socket(writer: asyncio.StreamWriter) -> socket.socket | None:
@@ -730,7 +725,8 @@ class EmbeddedBroker:
         holder = self._live.get(client_id)
         if holder is not None and holder.principal is not None:
             same = holder.principal.identity == principal.identity
-            if same and principal.kind == "device" and _host(holder.remote) != _host(conn.remote):
+            elsewhere = remote_host(holder.remote) != remote_host(conn.remote)
+            if same and principal.kind == "device" and elsewhere:
                 # One device identity live from two hosts at once: a cloned key or
                 # certificate. The first session keeps its place (it is the one trusted so
                 # far); the second is refused and the gateway quarantines the identity. From

@@ -53,6 +53,13 @@ class RefusalReason(StrEnum):
     SHUTTING_DOWN = "shutting_down"
 
 
+def remote_host(remote: str) -> str:
+    """The host part of a "host:port" peer (IPv6 hosts contain colons; a peer given without
+    its port, as Mosquitto sometimes logs one, is all host)."""
+    host, sep, port = remote.rpartition(":")
+    return host if sep and port.isdigit() and host and not host.endswith(":") else remote
+
+
 @dataclass(frozen=True)
 class RefusedConnection:
     """One refused attempt. Certificate fields describe the client's leaf certificate when it

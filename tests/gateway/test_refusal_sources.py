@@ -1,0 +1,74 @@
+"""Refused connections are aggregated into rows for the console's "unknown identities": a
+client retrying all day is one row, and clients that nothing identifies (no certificate, no
+client id: what Mosquitto's log gives) are kept apart by the host they came from."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from gateway.broker.refusals import RefusedConnection, remote_host
+from gateway.config import load_settings
+from gateway.home import init_home
+from gateway.service import Gateway
+from gateway.store import refusal_key
+from gateway.store_memory import MemoryStore
+
+AT = datetime(2026, 12, 5, 3, 0, tzinfo=UTC)
+
+
+def refused(remote: str, *, fingerprint: str | None = None) -> RefusedConnection:
+    return RefusedConnection(
+        listener="operational",
+        remote=remote,
+        reason="no_client_certificate" if fingerprint is None else "unknown_ca",
+        client_id=None,
+        cert_subject=None,
+        cert_issuer=None,
+        cert_fingerprint=fingerprint,
+        at=AT,
+    )
+
+
+@pytest.mark.parametrize(
+    ("remote", "host"),
+    [
+        ("127.0.0.3:37619", "127.0.0.3"),
+        ("127.0.0.3", "127.0.0.3"),
+        ("::1", "::1"),
+        ("2001:db8::7:8883", "2001:db8::7"),
+        ("[2001:db8::7]:8883", "[2001:db8::7]"),
+    ],
+)
+def test_the_host_of_a_peer(remote: str, host: str) -> None:
+    assert remote_host(remote) == host
+
+
+def test_the_source_host_is_part_of_the_key_only_when_given() -> None:
+    plain = refusal_key("operational", "no_client_certificate", None, None)
+    assert plain == refusal_key("operational", "no_client_certificate", None, None, None)
+    a = refusal_key("operational", "no_client_certificate", None, None, "10.0.0.1")
+    b = refusal_key("operational", "no_client_certificate", None, None, "10.0.0.2")
+    assert len({plain, a, b}) == 3
+    with pytest.raises(ValueError):
+        refusal_key("operational", "no_client_certificate", None, None, "a|b")
+
+
+def test_anonymous_clients_get_a_row_per_host_and_a_certificate_one_row(tmp_path: Path) -> None:
+    init_home(tmp_path)
+    store = MemoryStore()
+    gateway = Gateway(load_settings(tmp_path), store=store, broker_kind="embedded")
+    for port in (1000, 1001, 1002):  # one host retrying from new ports: one row
+        gateway._refused(refused(f"127.0.0.3:{port}"))
+    gateway._refused(refused("127.0.0.4:2000"))
+    for host in ("127.0.0.5", "127.0.0.6"):  # one rogue certificate from two hosts: one row
+        gateway._refused(refused(f"{host}:3000", fingerprint="ab" * 32))
+    gateway._flush_refusals()
+    rows = sorted((r.reason, r.remote, r.count) for r in store.refusals())
+    assert rows == [
+        ("no_client_certificate", "127.0.0.3:1002", 3),
+        ("no_client_certificate", "127.0.0.4:2000", 1),
+        ("unknown_ca", "127.0.0.6:3000", 2),
+    ]
