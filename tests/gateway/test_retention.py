@@ -199,3 +199,13 @@ def test_an_expired_nonce_is_known_as_expired_until_the_sweep_and_unknown_after(
     assert sweep(gw.store, gw.clock).nonces == 1
     assert enroll_now("e-2") == ReasonCode.NONCE_UNKNOWN
     assert gw.store.certificates_for("dev-1") == []
+
+
+def test_the_horizons_the_protocol_page_promises_are_the_ones_swept() -> None:
+    page = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
+    text = " ".join(page.split())  # the page wraps its lines anywhere
+    # a horizon changed here without the page fails at the lookup
+    said = {timedelta(hours=1): ("one hour", "an hour"), timedelta(days=7): ("a week",)}
+    assert f"answer for the **retry horizon of {said[RETRY_HORIZON][0]}**" in text
+    assert f"and a `pending` answer for {said[PENDING_HORIZON][0]}" in text
+    assert f"Nonces are deleted {said[NONCE_MARGIN][-1]} after they expired" in text
