@@ -545,6 +545,17 @@ async def test_only_certificates_of_our_ca_open_the_operational_listener(
     assert not await admitted(port, None, a.id)  # no TLS at all
     # the same probe with the device's own certificate gets in: the refusals above are real
     assert await admitted(port, a.tls(gateway), a.id)
+    # and the turned-away clients are in the registry for the console's unknown identities
+    # (Mosquitto cannot say whose certificate was foreign: it reports the handshake only)
+    reasons: set[str] = set()
+    for _ in range(50):
+        gateway._flush_refusals()
+        reasons = {r.reason for r in gateway.store.refusals() if r.listener == "operational"}
+        if "no_client_certificate" in reasons and len(reasons) >= 2:
+            break
+        await asyncio.sleep(0.1)
+    assert "no_client_certificate" in reasons
+    assert reasons & {"unknown_ca", "certificate_invalid"}
 
 
 # -- enrollees ---------------------------------------------------------------------------------
