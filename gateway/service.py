@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.serialization import (
     PrivateFormat,
 )
 
-from gateway import operations
+from gateway import operations, retention
 from gateway.acl import Principal, TopicAcl
 from gateway.admin import attach_admin
 from gateway.admin.events import issued_certificate_data
@@ -587,6 +587,7 @@ class Gateway:
             asyncio.create_task(self._every(TRUST_REFRESH_SECONDS, self._reload_trust)),
             asyncio.create_task(self._every(EVALUATE_SECONDS, self._evaluate_behaviour)),
             asyncio.create_task(self._every(REFUSAL_FLUSH_SECONDS, self._flush_refusals_if_any)),
+            asyncio.create_task(self._every(retention.SWEEP_SECONDS, self._sweep_if_leading)),
         ]
         if cluster is not None:
             await cluster.start(on_elected=self._take_lead, on_deposed=self._step_down)
@@ -684,6 +685,12 @@ class Gateway:
         if self.transport is not None:
             for topic_filter in self._device_publish_filters():
                 await self.transport.activate(topic_filter, False)
+
+    def _sweep_if_leading(self) -> None:
+        """Delete stored answers and nonces the protocol no longer needs (gateway.retention);
+        in a cluster the leader does it for the registry all share."""
+        if self._leads:
+            retention.sweep(self.store, self.clock)
 
     async def _refresh_crl_if_leading(self) -> None:
         if self._leads:

@@ -1,6 +1,7 @@
-"""The CRL's nextUpdate comes from fleetgate.toml ([ca] crl_validity_hours), and the gateway
-re-signs it long before a broker would refuse everyone for an expired CRL: on a managed
-Mosquitto, the periodic job writes the new CRL and reloads the broker."""
+"""Periodic jobs of a gateway. The CRL's nextUpdate comes from fleetgate.toml ([ca]
+crl_validity_hours), and the gateway re-signs it long before a broker would refuse everyone
+for an expired CRL: on a managed Mosquitto, the periodic job writes the new CRL and reloads
+the broker. The leader sweeps what the protocol no longer needs from the registry."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 import tomli_w
 from cryptography import x509
 
+from gateway import retention
 from gateway.config import load_settings
 from gateway.home import init_home
 from gateway.mosquitto import MosquittoError, find_dynsec_plugin, find_mosquitto
@@ -123,3 +125,13 @@ async def test_the_crl_job_gives_mosquitto_a_later_crl_and_devices_still_get_in(
         assert await asyncio.to_thread(_first_answer, port, tls, "th-crl1") == CONNACK_ACCEPTED
     finally:
         await gateway.stop()
+
+
+def test_a_lone_gateway_sweeps_the_registry_it_leads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gateway = gateway_with(tmp_path, None)
+    swept: list[object] = []
+    monkeypatch.setattr(retention, "sweep", lambda store, clock: swept.append(store))
+    gateway._sweep_if_leading()
+    assert swept == [gateway.store]

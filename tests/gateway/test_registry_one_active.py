@@ -143,7 +143,7 @@ def test_upgrading_keeps_the_newest_active_certificate_of_each_identity(
 
     upgrade(engine)
 
-    assert current_revision(engine) == head_revision() == AFTER
+    assert current_revision(engine) == head_revision()  # through AFTER and any later one
     after = certificates(engine)
     assert set(after) == set(before)
     changed = {serial for serial in after if after[serial] != before[serial]}
@@ -159,8 +159,8 @@ def test_before_the_upgrade_the_schema_lacks_the_index(engine: sa.Engine) -> Non
     # Guards the comparison above: without 0003 the models and the database differ.
     upgrade(engine, BEFORE)
     diffs = schema_diffs(engine)
-    assert [(d[0], d[1].name) for d in diffs if isinstance(d, tuple)] == [
-        ("add_index", ONE_ACTIVE_CERTIFICATE)
+    assert ("add_index", ONE_ACTIVE_CERTIFICATE) in [
+        (d[0], d[1].name) for d in diffs if isinstance(d, tuple)
     ]
 
 

@@ -49,11 +49,12 @@ async def test_a_clone_from_another_address_is_refused_and_quarantined(start_gat
     assert identity.state is IdentityState.QUARANTINED
 
 
-async def test_a_clone_on_mosquitto_takes_over_and_is_quarantined(start_gateway) -> None:
+async def test_a_clone_on_mosquitto_is_quarantined_and_both_sessions_end(start_gateway) -> None:
     gateway, factory = await start_gateway("mosquitto")
     summary = await run_mode(mode_options(gateway, Mode.CLONE, 1), factory)
-    # Mosquitto lets the second session take over (the first is cut); the quarantine follows.
-    assert summary.cut == 1
+    # Mosquitto lets the second session take over (the first is cut); the quarantine follows,
+    # and once it is in force the gateway cuts the newcomer too.
+    assert summary.cut == 2
     assert summary.quarantined == 1
     [identity] = gateway.store.list_identities()
     assert identity.state is IdentityState.QUARANTINED
