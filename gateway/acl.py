@@ -11,7 +11,8 @@ Rules (topic scheme in ``gateway.protocol.topics``):
 - device (operational listener, its certificate names it), active: publish ``.../telemetry``,
   ``.../state``, ``.../renew/req``; subscribe/receive ``.../renew/resp``, ``.../cmd`` and below,
   ``fg/v1/pki/ca``, ``fg/v1/pki/crl``. Quarantined: publish only ``.../quarantine`` and below,
-  receive only ``.../renew/resp`` (where the refusal of its renewal arrives).
+  receive only ``.../renew/resp`` (where the refusal of a renewal sent just before the
+  quarantine arrives; later renewal requests are not delivered).
 - operator (active): publish ``fg/v1/admin/<own>/req``; subscribe/receive
   ``fg/v1/admin/<own>/resp`` and ``fg/v1/admin/events``; nothing else.
 - service ``gateway`` and the internal principal: everything.
