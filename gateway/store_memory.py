@@ -287,6 +287,17 @@ class MemoryStore:
                 key=lambda cert: cert.serial,
             )
 
+    def active_certificates(self) -> list[CertificateRecord]:
+        with self._lock:
+            return sorted(
+                (
+                    cert
+                    for cert in self._certificates.values()
+                    if cert.status is CertificateStatus.ACTIVE
+                ),
+                key=lambda cert: (cert.identity_id, cert.serial),
+            )
+
     # idempotency
 
     def get_response(self, identity_id: str, request_id: str) -> StoredResponse | None:

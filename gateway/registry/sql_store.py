@@ -345,6 +345,16 @@ class SqlStore:
             rows = connection.execute(query).mappings()
             return [convert.certificate_from_row(row) for row in rows]
 
+    def active_certificates(self) -> list[CertificateRecord]:
+        query = (
+            select(CERTIFICATE)
+            .where(CERTIFICATE.c.status == CertificateStatus.ACTIVE.value)
+            .order_by(CERTIFICATE.c.identity_id)
+        )
+        with self._read("listing active certificates") as connection:
+            rows = connection.execute(query).mappings()
+            return [convert.certificate_from_row(row) for row in rows]
+
     # idempotency
 
     def get_response(self, identity_id: str, request_id: str) -> StoredResponse | None:

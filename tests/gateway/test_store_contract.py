@@ -469,6 +469,18 @@ def test_new_certificate_supersedes_the_active_one(store: Store) -> None:
     assert store.certificates_for("dev-2")[0].status is CertificateStatus.ACTIVE
 
 
+def test_active_certificates_lists_the_one_in_force_per_identity(store: Store) -> None:
+    issue(store, 10, "req-1")
+    issue(store, 11, "req-2", issued=T0 + timedelta(minutes=40))  # supersedes 10
+    for name, serial in (("dev-2", 20), ("dev-3", 30)):
+        store.put_identity(identity(name, birth=f"b-{name}"))
+        store.record_outcome(response=response(name, "r"), certificate=certificate(serial, name))
+    store.change_state("dev-3", IdentityState.REVOKED, T0, [entry("revoke", "dev-3")])
+    active = store.active_certificates()
+    assert [(c.identity_id, c.serial) for c in active] == [("dev-1", 11), ("dev-2", 20)]
+    assert active[0] == store.certificates_for("dev-1")[-1]
+
+
 def test_a_certificate_without_its_identity_still_supersedes(store: Store) -> None:
     issue(store, 10, "req-1")
     store.record_outcome(response=response(request_id="req-2"), certificate=certificate(11))
