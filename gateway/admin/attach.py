@@ -135,7 +135,10 @@ def attach_admin(gateway: Gateway) -> AdminService:
 
     relay = EventRelay(publish_event, heard=heard)
     service = AdminService(
-        GatewayBackend(gateway, audit_key=audit_key), telemetry=telemetry, events=relay
+        GatewayBackend(gateway, audit_key=audit_key),
+        telemetry=telemetry,
+        events=relay,
+        audit_every=gateway.settings.audit_checkpoint_every,
     )
     dispatcher = AdminDispatcher(service.handle, publish)
     # shared: in a cluster one gateway answers each operator request, as for enrollment

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 from gateway import operations
+from gateway.metrics_export import gateway_counts, node_name
 from gateway.store import IdentityRecord, IdentityState, Store
 from pki.clock import Clock
 
@@ -59,6 +60,15 @@ class AdminBackend(Protocol):
 
     def audit_public_key(self) -> CertificatePublicKeyTypes | None:
         """The key that verifies audit checkpoints (None: unknown here)."""
+        ...
+
+    def node(self) -> str:
+        """The name of the gateway that answers (its cluster node name, else the host's)."""
+        ...
+
+    def counters(self) -> dict[str, dict[str, float]]:
+        """The gateway's ``enrollment``, ``gateway`` and ``broker`` counters, copied now;
+        callable from any thread, never waits for the event loop."""
         ...
 
 
@@ -107,6 +117,13 @@ class RegistryBackend:
 
     def audit_public_key(self) -> CertificatePublicKeyTypes | None:
         return self._audit_key
+
+    def node(self) -> str:
+        return node_name()
+
+    def counters(self) -> dict[str, dict[str, float]]:
+        # no gateway runs here: nothing was counted
+        return {"enrollment": {}, "gateway": {}, "broker": {}}
 
 
 class GatewayBackend:
@@ -183,3 +200,9 @@ class GatewayBackend:
 
     def audit_public_key(self) -> CertificatePublicKeyTypes | None:
         return self._audit_key
+
+    def node(self) -> str:
+        return node_name(self._gateway)
+
+    def counters(self) -> dict[str, dict[str, float]]:
+        return gateway_counts(self._gateway)

@@ -1,6 +1,6 @@
 """Who may do what through the admin API: three roles, each a superset of the one before.
 
-    viewer    read: whoami, list_identities, get_identity, audit, attention, operators
+    viewer    read: whoami, list_identities, get_identity, audit, attention, operators, metrics
     operator  + approve, quarantine, release (reversible actions on devices)
     admin     + revoke (final), set_role, revoke_operator
 
@@ -22,7 +22,7 @@ class Role(StrEnum):
 _RANK = {Role.VIEWER: 0, Role.OPERATOR: 1, Role.ADMIN: 2}
 
 READ_OPS = frozenset(
-    {"whoami", "list_identities", "get_identity", "audit", "attention", "operators"}
+    {"whoami", "list_identities", "get_identity", "audit", "attention", "operators", "metrics"}
 )
 OPERATE_OPS = frozenset({"approve", "quarantine", "release"})
 ADMIN_OPS = frozenset({"revoke", "set_role", "revoke_operator"})

@@ -38,6 +38,7 @@ from gateway.admin.wire import (
 )
 from gateway.audit import verify_chain
 from gateway.cluster.errors import ClusterError, ClusterReason
+from gateway.metrics_export import MetricsSnapshot, copy_counts
 from gateway.operations import OperationError, OperationRefusal
 from gateway.store import AuditEntry, IdentityRecord, IdentityState, StoreError
 from gateway.transport import Outgoing
@@ -91,7 +92,11 @@ def _item_error(identity_id: str, reason: str, detail: str) -> dict[str, Any]:
 
 class AdminService:
     """Answers admin requests. ``metrics`` counts ``requests``, ``ok.<op>`` and
-    ``rejected.<reason>``; ``ignored.topic`` for messages on a topic that names no operator."""
+    ``rejected.<reason>``; ``ignored.topic`` for messages on a topic that names no operator.
+
+    ``audit_every`` is the interval the gateway signs audit checkpoints at
+    (``audit_checkpoint_every``): given, the ``audit`` op also reports a trail longer than that
+    without a single checkpoint (the checkpoints were deleted)."""
 
     def __init__(
         self,
@@ -99,8 +104,14 @@ class AdminService:
         *,
         telemetry: TelemetryCounter | None = None,
         events: EventRelay | None = None,
+        audit_every: int | None = None,
     ) -> None:
+        if audit_every is not None and (
+            isinstance(audit_every, bool) or not isinstance(audit_every, int) or audit_every < 1
+        ):
+            raise ValueError("audit_every must be a whole number >= 1")
         self._backend = backend
+        self._audit_every = audit_every
         self._store = backend.store
         self._clock = backend.clock
         self.telemetry = telemetry if telemetry is not None else TelemetryCounter(self._clock)
@@ -120,6 +131,7 @@ class AdminService:
             ),
             "attention": (frozenset(), self._attention),
             "operators": (frozenset(), self._operators),
+            "metrics": (frozenset(), self._metrics),
             "approve": (frozenset({"ids", "reason"}), self._approve),
             "quarantine": (frozenset({"ids", "reason"}), self._quarantine),
             "release": (frozenset({"ids", "reason"}), self._release),
@@ -311,7 +323,9 @@ class AdminService:
     def _verify(self, records: Sequence[Any]) -> dict[str, Any]:
         key = self._backend.audit_public_key()
         try:
-            verdict = verify_chain(records, self._store.checkpoints(), key)
+            verdict = verify_chain(
+                records, self._store.checkpoints(), key, every=self._audit_every
+            )
         except TypeError:  # checkpoints exist but no key to check them with
             return {
                 "ok": False,
@@ -357,6 +371,21 @@ class AdminService:
         for row, record in zip(rows, records, strict=True):
             row["created_at"] = record.created_at.isoformat()
         return {"operators": rows}
+
+    def _metrics(self, caller: Caller, args: RequestArgs) -> dict[str, Any]:
+        return self.snapshot().as_json()
+
+    def snapshot(self) -> MetricsSnapshot:
+        """The counters of the gateway this service runs in, and the admin API's own (its
+        event relay's prefixed ``events.``): what the ``metrics`` op answers and what the
+        gateway writes to its metrics file. Callable from any thread."""
+        admin = copy_counts(self.metrics)
+        admin.update({f"events.{k}": v for k, v in copy_counts(self.events.metrics).items()})
+        return MetricsSnapshot(
+            node=self._backend.node(),
+            at=self._clock.now(),
+            sections={**self._backend.counters(), "admin": admin},
+        )
 
     # -- acting on devices ---------------------------------------------------------------------
 

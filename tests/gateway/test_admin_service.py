@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
 from datetime import timedelta
 from typing import Any
 
@@ -158,6 +159,7 @@ VALID_ARGS: dict[str, dict[str, Any]] = {
     "audit": {},
     "attention": {},
     "operators": {},
+    "metrics": {},
     "approve": {"ids": ["dev-2"]},
     "quarantine": {"ids": ["dev-1"], "reason": "odd traffic"},
     "release": {"ids": ["dev-3"]},
@@ -524,6 +526,49 @@ def test_audit_reports_an_edited_record(fleet: Fleet) -> None:
     assert verified["ok"] is False and "1" in verified["problem"]
 
 
+def _service_signing_every(fleet: Fleet, every: int) -> AdminService:
+    return AdminService(fleet.backend, events=fleet.events, audit_every=every)
+
+
+def _ask(service: AdminService, operator: str, op: str) -> dict[str, Any]:
+    [reply] = service.handle(f"fg/v1/admin/{operator}/req", encode_request("req-1", op, {}))
+    body: dict[str, Any] = json.loads(reply.payload)
+    assert body["ok"] is True, body
+    result: dict[str, Any] = body["result"]
+    return result
+
+
+def test_audit_reports_a_trail_whose_checkpoints_were_all_deleted(fleet: Fleet) -> None:
+    service = _service_signing_every(fleet, 3)
+    for reason in ("one", "two", "three"):
+        fleet.ok("otto", "quarantine", {"ids": ["dev-1"], "reason": reason})
+        fleet.ok("otto", "release", {"ids": ["dev-1"]})
+    fleet.audit.checkpoint()
+    records = len(fleet.store.audit_records())
+    assert records > 3
+    assert _ask(service, "vera", "audit")["verified"]["ok"] is True
+
+    fleet.store.checkpoints = lambda: []  # type: ignore[method-assign]
+    verified = _ask(service, "vera", "audit")["verified"]
+    assert verified["ok"] is False
+    assert "checkpoints deleted" in verified["problem"]
+    assert f"{records} records" in verified["problem"]
+
+
+@pytest.mark.parametrize("every", [0, -1, True, 2.5])
+def test_an_interval_that_is_no_interval_is_refused_at_once(fleet: Fleet, every: object) -> None:
+    with pytest.raises(ValueError):
+        AdminService(fleet.backend, audit_every=every)  # type: ignore[arg-type]
+
+
+def test_a_short_trail_not_signed_yet_is_no_deleted_checkpoint(fleet: Fleet) -> None:
+    # A new gateway signs once the interval has passed: fewer records than that, no alarm.
+    service = _service_signing_every(fleet, 1000)
+    fleet.ok("otto", "quarantine", {"ids": ["dev-1"], "reason": "odd"})
+    assert fleet.store.checkpoints() == []
+    assert _ask(service, "vera", "audit")["verified"]["ok"] is True
+
+
 def test_attention_lists_what_needs_a_person(fleet: Fleet) -> None:
     # dev-5: a certificate about to lapse without renewal (1 h lifetime, 5 minutes left).
     fleet.add("dev-5", IdentityKind.DEVICE, IdentityState.ACTIVE)
@@ -580,6 +625,46 @@ def test_operators_lists_people_with_their_roles(fleet: Fleet) -> None:
     ]
     assert [o["connected"] for o in operators] == [True, False, False]
     assert all(o["cert_not_after"] and o["created_at"] for o in operators)
+
+
+def test_metrics_answers_the_counters_of_the_gateway_that_answered(fleet: Fleet) -> None:
+    assert fleet.error("vera", "revoke", {"ids": ["dev-1"], "reason": "x"}) == "forbidden"
+    assert fleet.error("vera", "no_such_op") == "unknown_op"
+    result = fleet.ok("vera", "metrics")
+    assert set(result) == {"node", "at", "enrollment", "gateway", "broker", "admin"}
+    # RegistryBackend: no gateway runs here, nothing of one was counted
+    assert result["node"] == socket.gethostname()
+    assert result["at"] == fleet.clock.now().isoformat()
+    assert result["enrollment"] == result["gateway"] == result["broker"] == {}
+    # the admin API's own counters, up to this request (answered ok once it is done)
+    assert result["admin"] == {
+        "requests": 3,
+        "rejected.forbidden": 1,
+        "rejected.unknown_op": 1,
+    }
+    assert fleet.ok("vera", "metrics")["admin"]["ok.metrics"] == 1
+
+
+def test_metrics_carries_the_event_relays_counters_as_admin_events(fleet: Fleet) -> None:
+    async def publish(payload: bytes) -> None:
+        raise AssertionError("nobody listens: nothing is sent")
+
+    relay = EventRelay(publish, heard=lambda: False)
+    service = AdminService(fleet.backend, events=relay)
+    for _ in range(2):
+        relay(GatewayEvent("clone", "dev-1", fleet.clock.now(), {"first": "a"}))
+    assert _ask(service, "vera", "metrics")["admin"]["events.unheard"] == 2
+
+
+@pytest.mark.parametrize("name", ["mallory", "dev-1"])
+def test_metrics_are_refused_to_anyone_but_an_operator(fleet: Fleet, name: str) -> None:
+    assert fleet.error(name, "metrics") == "forbidden"
+    entry = fleet.last_audit().entry
+    assert (entry.actor, entry.action, entry.outcome) == (
+        f"operator:{name}",
+        "metrics",
+        "rejected",
+    )
 
 
 # -- acting on devices ------------------------------------------------------------------------
