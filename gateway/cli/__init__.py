@@ -8,6 +8,7 @@ from gateway.cli import audit, bench, device, operator, token
 from gateway.cli.common import console
 from gateway.cli.console_app import console_command
 from gateway.cli.init import init_command
+from gateway.cli.metrics import metrics_command
 from gateway.cli.run import broker_command, demo_command, run_command
 from gateway.cli.sim import sim_command
 
@@ -23,6 +24,7 @@ app.command("broker")(broker_command)
 app.command("demo")(demo_command)
 app.command("sim")(sim_command)
 app.command("console")(console_command)
+app.command("metrics")(metrics_command)
 app.add_typer(device.app, name="device")
 app.add_typer(token.app, name="token")
 app.add_typer(audit.app, name="audit")

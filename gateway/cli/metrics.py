@@ -1,0 +1,150 @@
+"""`fleetgate metrics`: the counters of the gateway running in a home, read from the file it
+rewrites every 10 s (``<home>/metrics.prom``, see gateway.metrics_export): refusals by reason
+code, requests, what the broker turned away. Reads the file only: no passphrase, no registry,
+nothing asked of the gateway."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from gateway.cli.common import (
+    HomeOption,
+    JsonOption,
+    console,
+    fail,
+    print_json,
+    resolve_home,
+)
+from gateway.metrics_export import (
+    EXPORT_SECONDS,
+    SECTIONS,
+    STALE_SECONDS,
+    MetricsFileError,
+    MetricsFileReason,
+    MetricsSnapshot,
+    metrics_path,
+    read_metrics,
+)
+
+NodeOption = Annotated[
+    str | None,
+    typer.Option(
+        "--node",
+        help="Gateways of a cluster sharing this home write one file each "
+        "(metrics-<node>.prom): the node to show.",
+        show_default=False,
+    ),
+]
+# a cluster node name (gateway.cluster.member): also keeps the file name inside the home
+_NODE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,63}")
+# counters an operator looks at first: something was turned away or went wrong
+_ALARMING = ("rejected.", "refused.", "denied.", "errors.", "clones")
+
+
+def metrics_command(
+    home: HomeOption = None, node: NodeOption = None, as_json: JsonOption = False
+) -> None:
+    """Show the counters of the gateway running in this home (exit 1 if it wrote none)."""
+    path = _metrics_file(resolve_home(home), node)
+    try:
+        snapshot = read_metrics(path)
+    except MetricsFileError as exc:
+        if exc.reason is MetricsFileReason.MISSING:
+            fail(
+                f"no metrics file at {path}: is the gateway running? "
+                f"(a running gateway writes one every {EXPORT_SECONDS:.0f} s)"
+            )
+        fail(f"cannot read the metrics file: {exc.detail}")
+    age = max(0.0, time.time() - snapshot.at.timestamp())
+    if as_json:
+        print_json(_as_json(snapshot, path, age))
+    else:
+        _print(snapshot, path, age)
+
+
+def _metrics_file(home: Path, node: str | None) -> Path:
+    """The file to read: ``--node``'s; else the home's single gateway's; else, when only one
+    gateway of a cluster writes here, its file."""
+    if node is not None:
+        if _NODE_NAME.fullmatch(node) is None:
+            fail(f"--node {node!r}: letters, digits, '_', '.', '-' (max 63)", code=2)
+        return metrics_path(home, node)
+    single = metrics_path(home)
+    if single.exists():
+        return single
+    nodes = sorted(p.name[len("metrics-") : -len(".prom")] for p in home.glob("metrics-*.prom"))
+    if len(nodes) == 1:
+        return metrics_path(home, nodes[0])
+    if nodes:
+        fail(f"several gateways write here; pass --node with one of: {', '.join(nodes)}", code=2)
+    return single
+
+
+def _stale(snapshot: MetricsSnapshot, age: float) -> bool:
+    return snapshot.up and age > STALE_SECONDS
+
+
+def _as_json(snapshot: MetricsSnapshot, path: Path, age: float) -> dict[str, Any]:
+    return {
+        **snapshot.as_json(),
+        "file": str(path),
+        "age_seconds": round(age, 1),
+        "up": snapshot.up,
+        "stale": _stale(snapshot, age),
+    }
+
+
+def _print(snapshot: MetricsSnapshot, path: Path, age: float) -> None:
+    when = snapshot.at.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+    header = Text.assemble(
+        ("gateway ", "bold"), (snapshot.node, "bold"), f": counts of {when}, {_age(age)} ago"
+    )
+    console.print(header)
+    if not snapshot.up:
+        console.print("[yellow]the gateway stopped[/]: these are its last counts")
+    elif _stale(snapshot, age):
+        console.print(
+            f"[yellow]not updated for {_age(age)}[/] (every {EXPORT_SECONDS:.0f} s while it "
+            "runs): is the gateway running?"
+        )
+    table = Table(show_edge=False, pad_edge=False)
+    table.add_column("section")
+    table.add_column("counter")
+    table.add_column("count", justify="right")
+    for section in SECTIONS:
+        counts = snapshot.section(section)
+        if not counts:
+            table.add_row(section, Text("(nothing counted)", style="dim"), "")
+        for index, (name, value) in enumerate(counts.items()):
+            style = "yellow" if name.startswith(_ALARMING) else ""
+            # Text, not markup: a counter's name may hold brackets
+            table.add_row(
+                section if index == 0 else "",
+                Text(name, style=style),
+                Text(_count(value), style=style),
+            )
+        table.add_section()
+    console.print(table)
+    console.print(Text(f"from {path}", style="dim"))
+
+
+def _count(value: float) -> str:
+    return f"{value:,}" if isinstance(value, int) else f"{value:,.3f}"
+
+
+def _age(seconds: float) -> str:
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole} s"
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60} s"
+    if whole < 86400:
+        return f"{whole // 3600} h {whole % 3600 // 60} min"
+    return f"{whole // 86400} d {whole % 86400 // 3600} h"
