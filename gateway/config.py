@@ -31,6 +31,13 @@ CONFIG_NAME = "fleetgate.toml"
 HOME_ENV = "FLEETGATE_HOME"
 PASSPHRASE_ENV = "FLEETGATE_PASSPHRASE"
 DATABASE_ENV = "FLEETGATE_DATABASE_URL"
+PKCS11_PIN_ENV = "FLEETGATE_PKCS11_PIN"
+
+# Where the issuing CA's private key lives: an encrypted file in <home>/ca, or a PKCS#11 token
+# (gateway/keystore_pkcs11.py). The root and audit keys are encrypted files either way.
+FILE_KEY_STORE = "file"
+PKCS11_KEY_STORE = "pkcs11"
+KEY_STORES = (FILE_KEY_STORE, PKCS11_KEY_STORE)
 
 # The bounds EnrollmentPolicy enforces (gateway/enrollment/policy.py), checked here as well so
 # a bad value is a ConfigError naming its key when the file is read, not a ValueError from
@@ -81,6 +88,10 @@ class CaSettings:
     # The CRL's nextUpdate: a broker refuses every certificate once it has passed, so the
     # gateway re-signs it well before (every quarter of this, at most hourly).
     crl_validity_hours: int = 24
+    key_store: str = FILE_KEY_STORE
+    # Read only with key_store = "pkcs11"; the user PIN is $FLEETGATE_PKCS11_PIN, never here.
+    pkcs11_module: str = ""
+    pkcs11_token_label: str = ""
 
     def __post_init__(self) -> None:
         _within("ca.root_lifetime_days", self.root_lifetime_days, 1, MAX_CA_LIFETIME_DAYS)
@@ -93,10 +104,52 @@ class CaSettings:
             " (ca.root_lifetime_days)",
         )
         _within("ca.crl_validity_hours", self.crl_validity_hours, *CRL_VALIDITY_BOUNDS)
+        if self.key_store not in KEY_STORES:
+            raise ConfigError(
+                f"ca.key_store must be 'file' or 'pkcs11', got {self.key_store!r}"
+            )
+        if self.uses_token:
+            _check_pkcs11_module(self.pkcs11_module)
+            if not self.pkcs11_token_label.strip():
+                raise ConfigError(
+                    "ca.pkcs11_token_label must name the token (its label) when "
+                    "ca.key_store = 'pkcs11'"
+                )
 
     @property
     def crl_validity(self) -> timedelta:
         return timedelta(hours=self.crl_validity_hours)
+
+    @property
+    def uses_token(self) -> bool:
+        """The issuing CA's key is in a PKCS#11 token, not in ca/issuing.key."""
+        return self.key_store == PKCS11_KEY_STORE
+
+
+def _check_pkcs11_module(module: str) -> None:
+    # Absolute: a relative path would depend on the directory the gateway was started from.
+    if not module.strip():
+        raise ConfigError(
+            "ca.pkcs11_module must name the token's PKCS#11 library when ca.key_store = 'pkcs11' "
+            "(e.g. /usr/lib/softhsm/libsofthsm2.so)"
+        )
+    path = Path(module)
+    if not path.is_absolute():
+        raise ConfigError(f"ca.pkcs11_module must be an absolute path, got {module!r}")
+    if not path.is_file():
+        raise ConfigError(f"ca.pkcs11_module: {module} does not exist or is not a file")
+
+
+def pkcs11_pin(ca: CaSettings) -> str:
+    """The token's user PIN, from $FLEETGATE_PKCS11_PIN only: a PIN in fleetgate.toml would sit
+    beside the settings every command reads and every backup copies."""
+    value = os.environ.get(PKCS11_PIN_ENV, "")
+    if not value:
+        raise ConfigError(
+            f"no PKCS#11 PIN: set ${PKCS11_PIN_ENV} to the user PIN of token "
+            f"{ca.pkcs11_token_label!r} (ca.key_store = 'pkcs11')"
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -377,14 +430,29 @@ def load_settings(home: Path) -> Settings:
 
 
 def render_default_config(
-    trust_domain: str, key_type: KeyType, passphrase_file: str | None = None
+    trust_domain: str,
+    key_type: KeyType,
+    passphrase_file: str | None = None,
+    ca: CaSettings | None = None,
 ) -> str:
-    """The commented `fleetgate.toml` that `fleetgate init` writes."""
+    """The commented `fleetgate.toml` that `fleetgate init` writes; ``ca`` says where the
+    issuing key went (its key_store and token), the lifetimes are the defaults."""
     passphrase_line = (
         f"passphrase_file = {json.dumps(passphrase_file)}"
         if passphrase_file is not None
         else 'passphrase_file = "secrets/passphrase"'
     )
+    if ca is not None and ca.uses_token:
+        key_store_lines = (
+            'key_store = "pkcs11"           # the issuing key is in a PKCS#11 token\n'
+            f"pkcs11_module = {json.dumps(ca.pkcs11_module)}\n"
+            f"pkcs11_token_label = {json.dumps(ca.pkcs11_token_label)}"
+            f"   # user PIN: ${PKCS11_PIN_ENV}\n"
+        )
+    else:
+        key_store_lines = (
+            'key_store = "file"             # file (ca/issuing.key, encrypted) | pkcs11 (a token)\n'
+        )
     return f"""\
 # Fleetgate gateway settings. Every key has a default; see docs/configuration.md.
 trust_domain = "{trust_domain}"
@@ -397,7 +465,7 @@ key_type = "{key_type.value}"                          # p256 | p384 | ed25519
 root_lifetime_days = 3650
 issuing_lifetime_days = 180
 crl_validity_hours = 24        # the CRL's nextUpdate; re-signed every quarter of it
-
+{key_store_lines}
 [certificates]
 lifetime_seconds = 3600        # operational certificates: 60 s to 30 days
 renew_fraction = 0.6667        # devices renew at about 2/3 of the lifetime

@@ -21,6 +21,7 @@ Needs the ``python-pkcs11`` package and the token's PKCS#11 module (Debian: ``so
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
 from types import TracebackType
@@ -167,6 +168,7 @@ class Pkcs11KeyStore:
         self._errors = exceptions
         self._token_label = token_label
         self._lock = threading.Lock()
+        self._closed = False
         try:
             library = pkcs11.lib(str(module))
         except (OSError, RuntimeError, exceptions.PKCS11Error) as exc:
@@ -178,6 +180,10 @@ class Pkcs11KeyStore:
         except exceptions.NoSuchToken:
             raise KeyStoreError(
                 Reason.KEY_NOT_FOUND, f"no PKCS#11 token labelled {token_label!r}"
+            ) from None
+        except exceptions.MultipleTokensReturned:
+            raise KeyStoreError(
+                Reason.KEY_EXISTS, f"several PKCS#11 tokens are labelled {token_label!r}"
             ) from None
         try:
             self._session = token.open(rw=True, user_pin=pin)
@@ -193,6 +199,13 @@ class Pkcs11KeyStore:
         except exceptions.PinLocked:
             raise KeyStoreError(
                 Reason.WRONG_PASSPHRASE, f"token {token_label!r} is locked (too many bad PINs)"
+            ) from None
+        except exceptions.PKCS11Error as exc:
+            # Removed, not initialised, out of sessions...: the error's name says which; its
+            # text is not shown, for the same reason as above.
+            raise KeyStoreError(
+                Reason.KEY_NOT_FOUND,
+                f"cannot open a session on token {token_label!r} ({type(exc).__name__})",
             ) from None
 
     # -- KeyStore ------------------------------------------------------------------------------
@@ -248,6 +261,21 @@ class Pkcs11KeyStore:
         with self._lock:
             return self._find(name) is not None
 
+    def delete(self, name: str) -> bool:
+        """Destroy the key pair labelled ``name`` (what `fleetgate init --force` replaces);
+        False if the token holds none. There is no undo: a token key has no other copy."""
+        from pkcs11 import ObjectClass
+
+        check_identity_name(name, "key name")
+        kinds = (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY)
+        with self._lock:
+            # listed before any is destroyed: the search must not run over a changing set
+            labelled = list(self._session.get_objects({self._pkcs11.Attribute.LABEL: name}))
+            keys = [item for item in labelled if item.object_class in kinds]
+            for key in keys:
+                key.destroy()
+        return bool(keys)
+
     # -- the token -----------------------------------------------------------------------------
 
     def _find(self, name: str) -> tuple[Any, bytes] | None:
@@ -272,8 +300,14 @@ class Pkcs11KeyStore:
         return signature
 
     def close(self) -> None:
+        """Log out and end the session; once is enough, and a token already gone (removed,
+        its session invalid) is not an error here: there is nothing left to close."""
         with self._lock:
-            self._session.close()
+            if self._closed:
+                return
+            self._closed = True
+            with contextlib.suppress(self._errors.PKCS11Error):
+                self._session.close()
 
     def __enter__(self) -> Pkcs11KeyStore:
         return self

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -9,7 +10,10 @@ import typer
 
 from gateway.cli.common import HomeOption, console, fail, resolve_home
 from gateway.config import (
+    FILE_KEY_STORE,
     PASSPHRASE_ENV,
+    PKCS11_KEY_STORE,
+    PKCS11_PIN_ENV,
     ConfigError,
     _check_trust_domain,
     passphrase_from_environment,
@@ -17,6 +21,13 @@ from gateway.config import (
 from gateway.home import HomeExistsError, init_home
 from pki.errors import KeyStoreError
 from pki.keys import KeyType
+
+
+class KeyStoreChoice(StrEnum):
+    """Where the issuing CA's key is made (ca.key_store)."""
+
+    FILE = FILE_KEY_STORE
+    PKCS11 = PKCS11_KEY_STORE
 
 
 def init_command(
@@ -33,8 +44,36 @@ def init_command(
         ),
     ] = None,
     force: Annotated[
-        bool, typer.Option("--force", help="Replace an existing CA (old certificates break).")
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace an existing CA, and the token's issuing key (old certificates break).",
+        ),
     ] = False,
+    key_store: Annotated[
+        KeyStoreChoice | None,
+        typer.Option(
+            help="Where the issuing CA's key is made: an encrypted file in ca/, or a PKCS#11 "
+            f"token (user PIN from ${PKCS11_PIN_ENV}). Default: what an existing fleetgate.toml "
+            "says, else file.",
+            show_default=False,
+        ),
+    ] = None,
+    pkcs11_module: Annotated[
+        Path | None,
+        typer.Option(
+            help="The token's PKCS#11 library, e.g. /usr/lib/softhsm/libsofthsm2.so "
+            "(with --key-store pkcs11).",
+            show_default=False,
+        ),
+    ] = None,
+    pkcs11_token: Annotated[
+        str | None,
+        typer.Option(
+            help="The label of the token to make the issuing key in (with --key-store pkcs11).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Create the root and issuing CA, encrypted keys and fleetgate.toml."""
     folder = resolve_home(home)
@@ -42,6 +81,12 @@ def init_command(
         _check_trust_domain(trust_domain)
     except ConfigError as exc:
         fail(str(exc))
+    if key_store is KeyStoreChoice.PKCS11 and (pkcs11_module is None or pkcs11_token is None):
+        fail("--key-store pkcs11 needs --pkcs11-module and --pkcs11-token")
+    if key_store is not KeyStoreChoice.PKCS11 and (
+        pkcs11_module is not None or pkcs11_token is not None
+    ):
+        fail("--pkcs11-module and --pkcs11-token go with --key-store pkcs11")
     passphrase = from_environment = passphrase_from_environment()
     if passphrase_file is not None:
         try:
@@ -64,18 +109,32 @@ def init_command(
             passphrase=passphrase,
             passphrase_file=passphrase_file,
             force=force,
+            key_store=key_store.value if key_store is not None else None,
+            # absolute: fleetgate.toml must name it whatever directory the gateway starts in
+            pkcs11_module=str(pkcs11_module.absolute()) if pkcs11_module is not None else None,
+            pkcs11_token_label=pkcs11_token,
         )
     except (HomeExistsError, ConfigError) as exc:
         fail(str(exc))
     except KeyStoreError as exc:
-        fail(f"cannot write the CA keys: {exc}")
+        fail(f"cannot make the CA keys: {exc}")
     except OSError as exc:
         fail(f"cannot write the gateway home {folder}: {exc.strerror or exc}")
     console.print(f"[bold green]Initialised[/] gateway home [bold]{result.home}[/]")
     subject = result.root.subject.rfc4514_string()
     console.print(f"  root CA      {result.root_certificate}  ({subject})")
     console.print(f"  issuing CA   {result.issuing_certificate}")
-    console.print(f"  keys         {result.home / 'ca'}/*.key (encrypted, mode 0600)")
+    if result.token_label is not None:
+        console.print(
+            f"  issuing key  in PKCS#11 token {result.token_label!r} (sensitive, not extractable)"
+        )
+        console.print(
+            f"  keys         {result.home / 'ca'}/root.key, audit.key (encrypted, mode 0600); "
+            "root.key is needed only to make a new issuing CA: move it off the box"
+        )
+        console.print(f"  PIN          ${PKCS11_PIN_ENV}: set it whenever the gateway runs")
+    else:
+        console.print(f"  keys         {result.home / 'ca'}/*.key (encrypted, mode 0600)")
     console.print(f"  settings     {result.config}")
     if result.passphrase_file is not None:
         console.print(

@@ -9,7 +9,14 @@ from typing import Any
 
 import pytest
 
-from gateway.config import ConfigError, load_settings, parse_settings, render_default_config
+from gateway.config import (
+    CaSettings,
+    ConfigError,
+    load_settings,
+    parse_settings,
+    pkcs11_pin,
+    render_default_config,
+)
 from pki.keys import KeyType
 
 
@@ -64,11 +71,66 @@ def test_the_file_init_writes_loads_with_its_values() -> None:
         ({"trust_domain": "plant.-x"}, "trust_domain"),
         ({"database_url": "mysql://db/fleet"}, "database_url"),
         ({"passphrase_file": ""}, "passphrase_file"),
+        ({"ca": {"key_store": "hsm"}}, "ca.key_store"),
+        ({"ca": {"key_store": 11}}, "ca.key_store"),
+        ({"ca": {"key_store": "pkcs11"}}, "ca.pkcs11_module"),
+        ({"ca": {"key_store": "pkcs11", "pkcs11_module": "/nonexistent/libpkcs11.so",
+                 "pkcs11_token_label": "fleetgate"}}, "ca.pkcs11_module"),
+        ({"ca": {"pkcs11_module": 5}}, "ca.pkcs11_module"),
+        ({"ca": {"pkcs11_pin": "1234"}}, "ca.pkcs11_pin"),  # a PIN has no place in the file
     ],
 )
 def test_a_bad_setting_is_named(data: dict[str, Any], names: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(names)):
         parse_settings(Path("/tmp/x"), data)
+
+
+def test_the_token_settings_need_a_module_file_and_a_label(tmp_path: Path) -> None:
+    module = tmp_path / "libtoken.so"
+    module.write_bytes(b"\x7fELF")  # only its existence is checked when the file is read
+    table = {"key_store": "pkcs11", "pkcs11_module": str(module), "pkcs11_token_label": "fg"}
+    ca = parse_settings(tmp_path, {"ca": table}).ca
+    assert ca.uses_token and ca.pkcs11_module == str(module) and ca.pkcs11_token_label == "fg"
+    for label in ("", "   "):
+        with pytest.raises(ConfigError, match=r"ca\.pkcs11_token_label"):
+            parse_settings(tmp_path, {"ca": {**table, "pkcs11_token_label": label}})
+    with pytest.raises(ConfigError, match=r"ca\.pkcs11_module must be an absolute path"):
+        parse_settings(tmp_path, {"ca": {**table, "pkcs11_module": "libtoken.so"}})
+    with pytest.raises(ConfigError, match=r"ca\.pkcs11_module"):
+        parse_settings(tmp_path, {"ca": {**table, "pkcs11_module": str(tmp_path)}})  # a folder
+    # With the file store the token keys are not read, so a leftover module path is no error.
+    kept = {**table, "key_store": "file", "pkcs11_module": "/nonexistent/libpkcs11.so"}
+    assert not parse_settings(tmp_path, {"ca": kept}).ca.uses_token
+    assert not parse_settings(tmp_path, {}).ca.uses_token
+
+
+def test_the_file_init_writes_records_the_token(tmp_path: Path) -> None:
+    module = tmp_path / "libtoken.so"
+    module.write_bytes(b"\x7fELF")
+    ca = CaSettings(key_store="pkcs11", pkcs11_module=str(module), pkcs11_token_label='fg "1"')
+    text = render_default_config("plant.example", KeyType.P384, None, ca)
+    loaded = parse_settings(tmp_path, tomllib.loads(text)).ca
+    assert (loaded.key_store, loaded.pkcs11_module, loaded.pkcs11_token_label) == (
+        "pkcs11", str(module), 'fg "1"'
+    )
+    assert "FLEETGATE_PKCS11_PIN" in text and "pin =" not in text.lower()
+    plain = tomllib.loads(render_default_config("a.example", KeyType.P256))
+    assert parse_settings(tmp_path, plain).ca.key_store == "file"
+
+
+def test_the_pin_comes_from_the_environment_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ca = CaSettings()
+    for unset in (None, ""):
+        if unset is None:
+            monkeypatch.delenv("FLEETGATE_PKCS11_PIN", raising=False)
+        else:
+            monkeypatch.setenv("FLEETGATE_PKCS11_PIN", unset)
+        with pytest.raises(ConfigError, match=r"\$FLEETGATE_PKCS11_PIN"):
+            pkcs11_pin(ca)
+    monkeypatch.setenv("FLEETGATE_PKCS11_PIN", "0042-pin")
+    assert pkcs11_pin(ca) == "0042-pin"
 
 
 def test_a_broken_file_and_a_missing_file(tmp_path: Path) -> None:
@@ -199,10 +261,10 @@ def test_every_setting_is_documented_with_its_default() -> None:
 
 
 def test_the_environment_variables_are_documented() -> None:
-    from gateway.config import DATABASE_ENV, HOME_ENV, PASSPHRASE_ENV
+    from gateway.config import DATABASE_ENV, HOME_ENV, PASSPHRASE_ENV, PKCS11_PIN_ENV
 
     text = DOCS.read_text()
-    for name in (HOME_ENV, PASSPHRASE_ENV, DATABASE_ENV):
+    for name in (HOME_ENV, PASSPHRASE_ENV, DATABASE_ENV, PKCS11_PIN_ENV):
         assert f"`{name}`" in text
 
 
