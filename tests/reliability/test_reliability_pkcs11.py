@@ -20,7 +20,7 @@ from cryptography.x509.verification import PolicyBuilder, Store
 from gateway.enrollment import EnrollmentService
 from gateway.enrollment.testing import LoopbackGateway, build_enroll
 from gateway.protocol import IssuedCertificate
-from pki.ca import create_issuing_ca, create_root_ca
+from pki.ca import CertificateAuthority, create_issuing_ca, create_root_ca
 from pki.clock import FakeClock
 from pki.crl import RevokedEntry, build_crl
 from pki.errors import KeyStoreError, Reason
@@ -39,6 +39,8 @@ MODULE_CANDIDATES = (
     "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
 )
 LABEL = "fleetgate-test"
+# the root (kept in memory), the issuing CA whose key is in the token, and their clock
+Hierarchy = tuple[CertificateAuthority, CertificateAuthority, FakeClock]
 PIN = "483920-user"
 SO_PIN = "771204-so"
 
@@ -87,7 +89,7 @@ def token(module_path: str) -> Iterator[Pkcs11KeyStore]:
 
 
 @pytest.fixture(scope="module")
-def hierarchy(token: Pkcs11KeyStore) -> tuple[object, object, FakeClock]:
+def hierarchy(token: Pkcs11KeyStore) -> Hierarchy:
     """A root kept in memory (as on an offline machine) and an issuing CA whose key lives in the
     token."""
     clock = FakeClock()
@@ -106,7 +108,7 @@ def test_a_token_signer_is_a_signer_whose_signatures_verify(token: Pkcs11KeyStor
         assert not verify_signature(signer.public_key(), signature, b"fleetgatE")
 
 
-def test_a_leaf_issued_with_the_token_key_verifies_up_to_the_root(hierarchy: tuple) -> None:
+def test_a_leaf_issued_with_the_token_key_verifies_up_to_the_root(hierarchy: Hierarchy) -> None:
     root, issuing, clock = hierarchy
     template = LeafTemplate(IdentityKind.DEVICE, "dev-1", "fleet.test", timedelta(hours=1))
     device_key = LocalSigner.generate()
@@ -141,15 +143,17 @@ def test_a_root_can_live_in_the_token_too(token: Pkcs11KeyStore) -> None:
     assert lints.lint_chain(root.certificate, issuing.certificate) == []
 
 
-def test_a_crl_signed_in_the_token_verifies(hierarchy: tuple) -> None:
+def test_a_crl_signed_in_the_token_verifies(hierarchy: Hierarchy) -> None:
     _, issuing, clock = hierarchy
     crl = build_crl(issuing, [RevokedEntry(4711, clock.now())], clock, timedelta(days=1), 7)
-    assert crl.is_signature_valid(issuing.certificate.public_key())
+    ca_key = issuing.certificate.public_key()
+    assert isinstance(ca_key, ec.EllipticCurvePublicKey)
+    assert crl.is_signature_valid(ca_key)
     assert crl.get_revoked_certificate_by_serial_number(4711) is not None
     assert pkilint().lint_crl(crl) == []
 
 
-def test_a_device_enrolls_against_a_token_backed_ca(hierarchy: tuple) -> None:
+def test_a_device_enrolls_against_a_token_backed_ca(hierarchy: Hierarchy) -> None:
     _, issuing, clock = hierarchy
     gw = LoopbackGateway(clock=clock)
     gw.issuer = Issuer(issuing, clock)
@@ -164,7 +168,9 @@ def test_a_device_enrolls_against_a_token_backed_ca(hierarchy: tuple) -> None:
     )
 
 
-def test_the_private_key_never_leaves_the_token(token: Pkcs11KeyStore, hierarchy: tuple) -> None:
+def test_the_private_key_never_leaves_the_token(
+    token: Pkcs11KeyStore, hierarchy: Hierarchy
+) -> None:
     from pkcs11 import Attribute, ObjectClass
     from pkcs11.exceptions import AttributeSensitive
 
@@ -229,3 +235,23 @@ def test_token_errors_are_typed_and_hold_no_pin(module_path: str, token: Pkcs11K
         Pkcs11KeyStore(module_path, token_label=LABEL, pin="")
     assert PIN not in repr(token) and PIN not in repr(token.load("taken"))
     assert isinstance(token.load("taken"), Pkcs11Signer)
+
+
+def test_a_deleted_key_is_gone_and_a_store_closes_once(
+    module_path: str, token: Pkcs11KeyStore
+) -> None:
+    """What `fleetgate init --force` relies on to replace a token's issuing key, and what a
+    gateway's shutdown relies on to end its session without an error."""
+    first = token.generate("replaced")
+    assert token.delete("replaced") is True
+    assert not token.exists("replaced")
+    assert token.delete("replaced") is False  # nothing left to destroy
+    second = token.generate("replaced")
+    assert second.public_key() != first.public_key()
+    with pytest.raises(ValueError):
+        token.delete("../escape")
+    # A second store of this process (it shares the login): closed twice, quietly.
+    other = Pkcs11KeyStore(module_path, token_label=LABEL, pin=PIN)
+    other.close()
+    other.close()
+    assert token.exists("replaced")  # the first store's session is untouched
