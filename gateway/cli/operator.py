@@ -102,15 +102,18 @@ def add_operator(
     clock = clock or SystemClock()
     keys = load_keys(settings)
     key = LocalSigner.generate(keys.issuing.signer.key_type)
-    certificate = Issuer(keys.issuing, clock).issue(
-        LeafTemplate(
-            kind=IdentityKind.OPERATOR,
-            name=name,
-            trust_domain=settings.trust_domain,
-            lifetime=lifetime,
-        ),
-        key.public_key(),
-    )
+    try:
+        certificate = Issuer(keys.issuing, clock).issue(
+            LeafTemplate(
+                kind=IdentityKind.OPERATOR,
+                name=name,
+                trust_domain=settings.trust_domain,
+                lifetime=lifetime,
+            ),
+            key.public_key(),
+        )
+    finally:
+        keys.close()  # a token session ends here, not at exit
     now = clock.now()
     identity = (
         dataclasses.replace(existing, role=role.value, updated_at=now)
