@@ -9,11 +9,14 @@ The service and the benchmarks talk to this protocol only.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from gateway.acl import Principal
 from gateway.store import IdentityState
 from pki.profile import IdentityKind
+
+if TYPE_CHECKING:  # gateway.broker imports this module
+    from gateway.broker.tls import TlsMaterial
 
 
 class IdentityLike(Protocol):
@@ -63,6 +66,13 @@ class BrokerControl(Protocol):
     async def publish_crl(self, crl_pem: bytes) -> None:
         """Refuse certificates on this CRL at the next handshake (and keep nextUpdate fresh:
         an expired CRL locks every client out of Mosquitto)."""
+        ...
+
+    async def renew_server_certificate(self, tls: TlsMaterial) -> None:
+        """Present ``tls``'s server certificate (and key) to every new handshake on the
+        enrollment and operational listeners from now on; sessions already up keep theirs.
+        Devices pin the gateway root and check the certificate's dates: without this, a
+        gateway running longer than ``gateway.service.BROKER_CERT_LIFETIME`` locks them out."""
         ...
 
     def connected(self) -> dict[str, Principal]:

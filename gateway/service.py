@@ -23,6 +23,7 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import TypeVar
 
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
     NoEncryption,
@@ -36,6 +37,7 @@ from gateway.admin.events import issued_certificate_data
 from gateway.audit import AuditWriter
 from gateway.broker import EmbeddedBroker, ListenerConfig, RefusedConnection, TlsMaterial
 from gateway.broker.refusals import remote_host
+from gateway.broker.tls import renewal_due
 from gateway.broker_control import BrokerControl
 from gateway.cluster import (
     SHARE_GROUP,
@@ -65,12 +67,15 @@ from pki.clock import Clock, SystemClock
 from pki.crl import RevokedEntry, build_crl
 from pki.issue import Issuer
 from pki.keys import LocalSigner
-from pki.profile import IdentityKind, LeafTemplate
+from pki.profile import MIN_LEAF_LIFETIME, IdentityKind, LeafTemplate
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# The broker's server certificate, which every device verifies: short-lived, renewed while
+# the gateway runs once half of it is left, checked every hour (``renew_broker_tls_if_due``).
 BROKER_CERT_LIFETIME = timedelta(days=7)
+BROKER_TLS_CHECK_SECONDS = 3600.0
 # An expired CRL makes the TLS stack refuse every client: it is re-signed every quarter of
 # its validity ([ca] crl_validity_hours), at most every hour, long before it would lapse.
 CRL_REFRESH_SECONDS = 3600.0
@@ -242,9 +247,16 @@ class Gateway:
         store: Store | None = None,
         broker_kind: str | None = None,
         cluster: ClusterMember | None = None,
+        broker_cert_lifetime: timedelta = BROKER_CERT_LIFETIME,
     ) -> None:
         """``cluster``: this gateway is one of several sharing one registry (PostgreSQL) and
-        one Mosquitto (see ``gateway.cluster``)."""
+        one Mosquitto (see ``gateway.cluster``). ``broker_cert_lifetime``: of the broker's
+        server certificate (renewed at half of it)."""
+        if not isinstance(broker_cert_lifetime, timedelta):
+            raise TypeError("broker_cert_lifetime must be a timedelta")
+        if broker_cert_lifetime < MIN_LEAF_LIFETIME:
+            raise ValueError(f"broker_cert_lifetime must be at least {MIN_LEAF_LIFETIME}")
+        self.broker_cert_lifetime = broker_cert_lifetime
         self.settings = settings
         self.clock = clock or SystemClock()
         self.store: Store = store if store is not None else SqlStore(settings.database)
@@ -289,6 +301,7 @@ class Gateway:
             )
         self.cluster = cluster
         self.broker: BrokerControl | None = None
+        self._served_tls: TlsMaterial | None = None  # what this gateway's own broker serves
         self.transport: MqttTransport | None = None
         self.metrics: Counter[str] = Counter()
         self._tasks: list[asyncio.Task[None]] = []
@@ -316,7 +329,7 @@ class Gateway:
                 kind=IdentityKind.SERVICE,
                 name="broker",
                 trust_domain=self.settings.trust_domain,
-                lifetime=BROKER_CERT_LIFETIME,
+                lifetime=self.broker_cert_lifetime,
                 server=True,
                 dns_names=("localhost",) if ips else (host, "localhost"),
                 ip_addresses=ips or ("127.0.0.1",),
@@ -332,6 +345,38 @@ class Gateway:
         )
 
     _broker_tls = broker_tls
+
+    async def renew_broker_tls_if_due(
+        self, broker: BrokerControl, served: bytes | None, margin: timedelta | None = None
+    ) -> TlsMaterial | None:
+        """Give ``broker`` a new server certificate once the chain it serves (``served``, PEM)
+        has ``margin`` or less left (by default half of ``broker_cert_lifetime``); the new
+        material, or None when it was not due. The gateway's hourly job calls this for its own
+        broker, a cluster's keeper for the shared one."""
+        if margin is None:
+            margin = self.broker_cert_lifetime / 2
+        if not renewal_due(served, self.clock.now(), margin):
+            return None
+        tls = await asyncio.get_running_loop().run_in_executor(None, self.broker_tls)
+        await broker.renew_server_certificate(tls)
+        leaf = x509.load_pem_x509_certificate(tls.server_cert_pem)
+        log.info(
+            "renewed the broker's server certificate: serial %x, valid until %s",
+            leaf.serial_number,
+            leaf.not_valid_after_utc.isoformat(),
+        )
+        return tls
+
+    async def _renew_broker_tls(self) -> None:
+        """The hourly job. A cluster's shared broker is its keeper's to renew (it alone
+        writes that broker's files), not every gateway's."""
+        if self.cluster is not None or self.broker is None:
+            return
+        served = self._served_tls.server_cert_pem if self._served_tls is not None else None
+        renewed = await self.renew_broker_tls_if_due(self.broker, served)
+        if renewed is not None:
+            self._served_tls = renewed
+            self.metrics["broker_tls.renewed"] += 1
 
     def crl_pem(self) -> bytes:
         entries = [
@@ -468,20 +513,23 @@ class Gateway:
         )
         observer = self.watch.observe if self.watch.enabled else None
         if self.cluster is not None:
-            return self.cluster.broker(
+            # The shared broker's certificate is its keeper's to renew (``_renew_broker_tls``
+            # never asks this one); SharedBrokerControl has no renew_server_certificate yet.
+            return self.cluster.broker(  # type: ignore[return-value]
                 clock=self.clock,
                 on_clone=self._clone_seen,
                 on_connect=self._connected,
                 on_disconnect=self._disconnected,
                 observer=observer,
             )
+        self._served_tls = tls = self._broker_tls()
         if self.broker_kind == "mosquitto":
             from gateway.mosquitto import MosquittoBroker
 
             return MosquittoBroker(
                 self.settings.home / "mosquitto",
                 listeners,
-                self._broker_tls(),
+                tls,
                 crl,
                 identities=self.store.list_identities,
                 clock=self.clock,
@@ -493,7 +541,7 @@ class Gateway:
             )
         return EmbeddedBroker(
             listeners,
-            self._broker_tls(),
+            tls,
             self.acl,
             internal_password=self._internal_password,
             crl_pem=crl,
@@ -588,6 +636,7 @@ class Gateway:
             asyncio.create_task(self._every(EVALUATE_SECONDS, self._evaluate_behaviour)),
             asyncio.create_task(self._every(REFUSAL_FLUSH_SECONDS, self._flush_refusals_if_any)),
             asyncio.create_task(self._every(retention.SWEEP_SECONDS, self._sweep_if_leading)),
+            asyncio.create_task(self._every(BROKER_TLS_CHECK_SECONDS, self._renew_broker_tls)),
         ]
         if cluster is not None:
             await cluster.start(on_elected=self._take_lead, on_deposed=self._step_down)

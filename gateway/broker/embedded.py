@@ -459,8 +459,20 @@ class EmbeddedBroker:
             if conn.principal is not None and conn.principal.serial in revoked:
                 self._in_background(self._cut(conn))
 
+    async def renew_server_certificate(self, tls: TlsMaterial) -> None:
+        """``BrokerControl``: see ``update_server_tls``."""
+        self.update_server_tls(tls)
+        log.info("serving a new server certificate on %s", ", ".join(sorted(self._contexts)))
+
     def update_server_tls(self, tls: TlsMaterial) -> None:
-        """Serve a renewed server certificate (and client CA) on new handshakes from now on."""
+        """Serve a renewed server certificate (and client CA) on new handshakes from now on.
+
+        Both listeners' contexts are built anew and swapped in together, as ``update_crl``
+        does: every handshake takes the context in place when it starts, and a session up
+        already keeps the ``SSLObject`` (and the certificate) it was made with. New contexts
+        rather than ``load_cert_chain`` into the live ones: a key of another type would be
+        added beside the old certificate instead of replacing it, and a failure halfway would
+        leave the two listeners serving different certificates."""
         if not isinstance(tls, TlsMaterial):
             raise TypeError("tls must be a TlsMaterial")
         self._contexts = self._build_contexts(tls, self._crl_pem)

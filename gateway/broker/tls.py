@@ -29,6 +29,7 @@ import ssl
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 from cryptography import x509
@@ -48,6 +49,7 @@ __all__ = [
     "certificate_info",
     "classify_handshake_error",
     "compact_read_buffer",
+    "renewal_due",
     "revoked_serials",
 ]
 
@@ -104,6 +106,23 @@ class TlsMaterial:
             raise ValueError(f"unsupported server key type {type(key).__name__}")
         if _public_der(key.public_key()) != _public_der(leaf.public_key()):
             raise ValueError("server_key_pem does not belong to the first certificate")
+
+
+def renewal_due(server_cert_pem: bytes | None, now: datetime, margin: timedelta) -> bool:
+    """Whether the broker should serve a new server certificate: the one it serves
+    (``server_cert_pem``, a PEM chain, leaf first) has ``margin`` or less left at ``now``.
+    None or a chain that does not parse is due too: better a fresh certificate than none.
+
+    Every device verifies this certificate, so one that lapses locks the whole fleet out;
+    renewing at half its lifetime leaves the other half for a renewal that failed to be
+    tried again."""
+    if server_cert_pem is None:
+        return True
+    try:
+        leaf = _pem_certificates(server_cert_pem, "server_cert_pem")[0]
+    except (TypeError, ValueError):
+        return True
+    return leaf.not_valid_after_utc - now <= margin
 
 
 @contextlib.contextmanager

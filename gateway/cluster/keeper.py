@@ -21,7 +21,6 @@ The keeper makes no decision and enrolls nobody. It
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 from datetime import timedelta
@@ -35,9 +34,8 @@ from gateway.cluster.errors import ClusterError
 from gateway.cluster.shared_broker import SharedBroker, load_shared_broker, save_shared_broker
 from gateway.config import Settings
 from gateway.mosquitto import MosquittoBroker, MosquittoError, needs_refresh
-from gateway.mosquitto.files import write_atomic
 from gateway.protocol import topics
-from gateway.service import BROKER_CERT_LIFETIME, Gateway
+from gateway.service import BROKER_TLS_CHECK_SECONDS, Gateway
 from gateway.transport import BrokerAddress, Message, MqttTransport, Route
 
 __all__ = ["BrokerKeeper", "crl_number"]
@@ -45,7 +43,7 @@ __all__ = ["BrokerKeeper", "crl_number"]
 log = logging.getLogger(__name__)
 
 KEEPER_USERNAME = "_fg_keeper"
-TLS_CHECK_SECONDS = 3600.0
+TLS_CHECK_SECONDS = BROKER_TLS_CHECK_SECONDS  # as a lone gateway checks its own broker's
 CRL_CHECK_SECONDS = 60.0
 
 
@@ -244,26 +242,17 @@ class BrokerKeeper:
                 log.exception("could not renew the broker's server certificate")
             await asyncio.sleep(TLS_CHECK_SECONDS)
 
-    async def renew_tls_if_due(self, margin: timedelta = BROKER_CERT_LIFETIME / 2) -> bool:
-        """Serve a new server certificate once the current one has less than ``margin`` left:
-        new files, then SIGHUP to both instances (Mosquitto re-reads its certificates)."""
+    async def renew_tls_if_due(self, margin: timedelta | None = None) -> bool:
+        """Serve a new server certificate once the current one has ``margin`` or less left
+        (by default half its lifetime), by the rule and the means a lone gateway renews its
+        own broker's with (``Gateway.renew_broker_tls_if_due``: new files, then both instances
+        reloaded). True if it was renewed."""
         broker = self.broker
-        run_dir = broker.run_dir
         try:
-            current = x509.load_pem_x509_certificate((run_dir / "server.pem").read_bytes())
-        except (OSError, ValueError):
-            current = None
-        now = self._source.clock.now()
-        if current is not None and current.not_valid_after_utc - now > margin:
-            return False
-        tls = await asyncio.get_running_loop().run_in_executor(None, self._source.broker_tls)
-        # the names the managed broker gives these files (gateway.mosquitto.broker)
-        write_atomic(run_dir / "server.key", tls.server_key_pem)
-        write_atomic(run_dir / "server.pem", tls.server_cert_pem)
-        for process in (broker.process, broker.enrollment_process):
-            if process is not None:
-                with contextlib.suppress(MosquittoError):
-                    process.reload()
-        log.info("renewed the broker's server certificate")
-        return True
+            # the file the managed broker serves (gateway.mosquitto.broker)
+            served: bytes | None = (broker.run_dir / "server.pem").read_bytes()
+        except OSError:
+            served = None
+        renewed = await self._source.renew_broker_tls_if_due(broker, served, margin)
+        return renewed is not None
 

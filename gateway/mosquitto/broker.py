@@ -13,7 +13,8 @@ Two ways to run it:
   request. Two brokers, two client-id namespaces: nothing an enrollee does touches a device's
   operational session. Every start rebuilds the dynsec file from the registry
   (``identities``): the registry is the truth, and one file write is far cheaper than one
-  command per identity.
+  command per identity. A renewed server certificate replaces the files and reloads both
+  instances (``renew_server_certificate``).
 - external (``external=True``): the operator runs Mosquitto and gives the gateway an admin
   account of its dynamic-security plugin. The gateway creates its own objects over
   ``$CONTROL`` and keeps them in step; it does not start, stop or signal the broker. The CRL
@@ -220,6 +221,12 @@ class ServerTlsMaterial:
                 raise ValueError(f"{name} is not PEM")
 
 
+def _check_tls(tls: object) -> None:
+    for name in ("server_cert_pem", "server_key_pem", "client_ca_pem"):
+        if not isinstance(getattr(tls, name, None), bytes):
+            raise TypeError(f"tls.{name} must be bytes")
+
+
 def _nodelay(client: aiomqtt.Client) -> None:
     """No Nagle on the admin connection: each command batch waits for its answer, and
     delayed ACKs add 40-90 ms per round trip otherwise (measured on Mosquitto)."""
@@ -364,9 +371,7 @@ class MosquittoBroker:
         else:
             if tls is None or crl_pem is None:
                 raise ValueError("a managed broker needs its TLS material and a CRL")
-            for name in ("server_cert_pem", "server_key_pem", "client_ca_pem"):
-                if not isinstance(getattr(tls, name, None), bytes):
-                    raise TypeError(f"tls.{name} must be bytes")
+            _check_tls(tls)
             if not isinstance(crl_pem, bytes):
                 raise TypeError("crl_pem must be bytes")
         if not isinstance(batch_size, int) or batch_size < 3:
@@ -435,7 +440,11 @@ class MosquittoBroker:
         self._process: MosquittoProcess | None = None
         self._enrollment_process: MosquittoProcess | None = None
         self._pending: dict[str, asyncio.Future[dynsec.Response]] = {}
-        self._reload_waiters: list[asyncio.Future[None]] = []
+        # by instance: whoever waits for its "Reloading config." (``_reload``)
+        self._reload_waiters: dict[str, list[asyncio.Future[None]]] = {
+            "main": [],
+            "enrollment": [],
+        }
         self._tracker = SessionTracker()
         self._operators: set[str] = set()  # client ids of the operators' live sessions
         # Whether every session of the main instance was seen begin: a broker we start, read
@@ -475,7 +484,7 @@ class MosquittoBroker:
             password=self._monitor_password,
             client_id=f"_fg_monitor-{secrets.token_hex(16)}",
             required=(LOG_NOTICE_TOPIC,),
-            optional=(),
+            optional=(LOG_INFO_TOPIC,),  # its reloads, when its certificate is renewed
             on_message=self._on_monitor_message,
         )
         self._started = False
@@ -694,12 +703,35 @@ class MosquittoBroker:
         assert self._crl_path is not None
         write_atomic(self._crl_path, crl_pem)
         self._crl_pem = crl_pem
-        await self._reload(process)
+        await self._reload(process, "main")
         # Sessions of revoked identities are cut as they are seen (``_observe``); one whose
         # cut failed gets another now that the CRL keeps its reconnects out.
         for client_id, session in self._tracker.sessions().items():
             if self._revoked_session(session):
                 self._cut(client_id, "revoked")
+
+    async def renew_server_certificate(self, tls: ServerTls) -> None:
+        """Serve ``tls``'s server certificate on both instances' new handshakes: ``server.pem``
+        and ``server.key`` rewritten (each atomically), then both reloaded (SIGHUP: Mosquitto
+        re-reads its certificates; sessions up stay, on the handshake they made). Returns once
+        both have confirmed the reload; MosquittoError NOT_RUNNING when an instance is not
+        running, RELOAD_UNCONFIRMED when one does not confirm in time (the files are in place
+        then: the next reload or restart serves them).
+
+        An external broker's files are its owner's: ValueError (a cluster's keeper renews the
+        certificate of the broker it runs, through this method of its managed broker)."""
+        if self._external:
+            raise ValueError("an external broker's server certificate is renewed by its owner")
+        _check_tls(tls)
+        main, enrollment = self._process, self._enrollment_process
+        if main is None or enrollment is None or not (main.running and enrollment.running):
+            raise MosquittoError(MosquittoReason.NOT_RUNNING, "mosquitto is not running")
+        # the key first: a certificate read with its old key would fail a restart meanwhile
+        write_atomic(self._run_dir / "server.key", tls.server_key_pem)
+        write_atomic(self._run_dir / "server.pem", tls.server_cert_pem)
+        self._tls = tls
+        await asyncio.gather(self._reload(main, "main"), self._reload(enrollment, "enrollment"))
+        log.info("both instances serve the new server certificate")
 
     def connected(self) -> dict[str, Principal]:
         """Client id -> who, from the brokers' connection notices (approximate: see
@@ -1006,24 +1038,35 @@ class MosquittoBroker:
                 + (f":\n{tail}" if tail else ""),
             ) from None
 
-    async def _reload(self, process: MosquittoProcess) -> None:
-        """SIGHUP, then wait for the broker's own "Reloading config." message. The broker logs
-        it and then reloads certificates and CRL in the same turn of its single-threaded loop,
-        so any connection opened after the message arrives is handled with the new CRL."""
+    async def _reload(self, process: MosquittoProcess, instance: str) -> None:
+        """SIGHUP to ``instance``'s ``process``, then wait for the broker's own "Reloading
+        config." message (the admin link reads the main instance's, the monitor link the
+        enrollment instance's). The broker logs it and then reloads certificates and CRL in
+        the same turn of its single-threaded loop, so any connection opened after the message
+        arrives is handled with the new files."""
+        waiters = self._reload_waiters[instance]
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._reload_waiters.append(waiter)
-        rotate_if_large(self._run_dir / "mosquitto.log", _LOG_LIMIT)  # reopened by the reload
+        waiters.append(waiter)
+        log_name = "mosquitto.log" if instance == "main" else "enrollment.log"
+        rotate_if_large(self._run_dir / log_name, _LOG_LIMIT)  # reopened by the reload
         try:
             process.reload()
             await asyncio.wait_for(waiter, self._command_timeout)
         except TimeoutError:
             raise MosquittoError(
                 MosquittoReason.RELOAD_UNCONFIRMED,
-                f"no reload notice within {self._command_timeout} s after SIGHUP",
+                f"no reload notice from the {instance} instance within "
+                f"{self._command_timeout} s after SIGHUP",
             ) from None
         finally:
             with contextlib.suppress(ValueError):
-                self._reload_waiters.remove(waiter)
+                waiters.remove(waiter)
+
+    def _reloaded(self, instance: str, line: bytes) -> None:
+        if line.rstrip().endswith(_RELOAD_NOTICE.encode()):
+            for waiter in self._reload_waiters[instance]:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     # -- the gateway's own connections ------------------------------------------------------
 
@@ -1098,10 +1141,8 @@ class MosquittoBroker:
                 self._watch_handshake(line)
         elif topic == LOG_ERROR_TOPIC:
             self._watch_handshake(payload.decode("utf-8", "replace"))
-        elif topic == LOG_INFO_TOPIC and payload.rstrip().endswith(_RELOAD_NOTICE.encode()):
-            for waiter in self._reload_waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
+        elif topic == LOG_INFO_TOPIC:
+            self._reloaded("main", payload)
 
     def _watch_handshake(self, line: str) -> None:
         refused = self._handshakes.feed(line)
@@ -1141,6 +1182,8 @@ class MosquittoBroker:
     def _on_monitor_message(self, topic: str, payload: bytes) -> None:
         if topic == LOG_NOTICE_TOPIC:
             self._observe(self._enrollment_instance(), payload.decode("utf-8", "replace"))
+        elif topic == LOG_INFO_TOPIC:
+            self._reloaded("enrollment", payload)
 
     def _judge_takeover(self, previous: Session, current: Session) -> None:
         """A live client id on the main instance connected again: a clone when it is a device
