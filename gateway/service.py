@@ -50,6 +50,7 @@ from gateway.enrollment import ApprovalRule, EnrollmentPolicy, EnrollmentService
 from gateway.enrollment.publish import Publish
 from gateway.enrollment.ratelimit import RateLimiter, RateLimits
 from gateway.home import AUDIT_KEY, load_keys, load_manufacturer_roots, pem
+from gateway.metrics_export import EXPORT_SECONDS, MetricsWriter, metrics_path
 from gateway.mosquitto.observe import DEVICE_PUBLISH_FILTERS
 from gateway.mosquitto.observe import published as mosquitto_published
 from gateway.protocol import topics
@@ -261,6 +262,7 @@ class Gateway:
         self.clock = clock or SystemClock()
         self.store: Store = store if store is not None else SqlStore(settings.database)
         keys = load_keys(settings)
+        self._keys = keys  # closed last at stop(): a token session
         self.root_certificate = keys.root_certificate
         self.issuing = keys.issuing
         self.issuer = Issuer(keys.issuing, self.clock)
@@ -314,7 +316,13 @@ class Gateway:
         self._refusals: dict[str, RefusalRecord] = {}
         self._seen: dict[str, datetime] = {}  # device -> when it last connected, unwritten
         self._loop: asyncio.AbstractEventLoop | None = None
-        attach_admin(self)
+        self.admin = attach_admin(self)
+        # The counters an operator reads (`fleetgate metrics`, node_exporter's textfile
+        # collector). Gateways of a cluster may share a home: a file each.
+        self.metrics_file = MetricsWriter(
+            metrics_path(settings.home, cluster.node if cluster is not None else None),
+            self.admin.snapshot,
+        )
 
     # -- certificates the broker needs -------------------------------------------------------
 
@@ -514,8 +522,8 @@ class Gateway:
         observer = self.watch.observe if self.watch.enabled else None
         if self.cluster is not None:
             # The shared broker's certificate is its keeper's to renew (``_renew_broker_tls``
-            # never asks this one); SharedBrokerControl has no renew_server_certificate yet.
-            return self.cluster.broker(  # type: ignore[return-value]
+            # never asks this one).
+            return self.cluster.broker(
                 clock=self.clock,
                 on_clone=self._clone_seen,
                 on_connect=self._connected,
@@ -626,6 +634,7 @@ class Gateway:
         await self.transport.publish(Outgoing(topics.CA_TOPIC, self.ca_chain_pem(), retain=True))
         if cluster is None:  # in a cluster the leader publishes the CRL
             await self.transport.publish(Outgoing(topics.CRL_TOPIC, crl, retain=True))
+        self.metrics_file.write()  # at once: `fleetgate metrics` need not wait 10 s
         self._tasks = [
             asyncio.create_task(self._every(CHANGE_POLL_SECONDS, self._sync_states)),
             asyncio.create_task(self._every(CHECKPOINT_SECONDS, self.audit.maybe_checkpoint)),
@@ -636,6 +645,7 @@ class Gateway:
             asyncio.create_task(self._every(EVALUATE_SECONDS, self._evaluate_behaviour)),
             asyncio.create_task(self._every(REFUSAL_FLUSH_SECONDS, self._flush_refusals_if_any)),
             asyncio.create_task(self._every(retention.SWEEP_SECONDS, self._sweep_if_leading)),
+            asyncio.create_task(self._every(EXPORT_SECONDS, self.metrics_file.write)),
             asyncio.create_task(self._every(BROKER_TLS_CHECK_SECONDS, self._renew_broker_tls)),
         ]
         if cluster is not None:
@@ -899,6 +909,9 @@ class Gateway:
             self.audit.checkpoint()
         except Exception:
             log.exception("could not write the final refusals and audit checkpoint")
+        self.metrics_file.close()  # the last counts, with fleetgate_up 0; never raises
+        # Last: closing a PKCS#11 token session logs this process out of the token.
+        self._keys.close()
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.start()

@@ -28,7 +28,7 @@ import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.acl import Principal
 from gateway.broker_control import IdentityLike
@@ -45,6 +45,9 @@ from gateway.observe import Observer
 from gateway.store import IdentityState
 from pki.clock import Clock, SystemClock
 from pki.profile import IdentityKind
+
+if TYPE_CHECKING:
+    from gateway.broker.tls import TlsMaterial
 
 __all__ = [
     "SharedBroker",
@@ -279,6 +282,10 @@ class SharedBrokerControl:
     async def follow_sessions(self, follow: bool) -> None:
         """See ``MosquittoBroker.follow_sessions``."""
         await self._broker.follow_sessions(follow)
+
+    async def renew_server_certificate(self, tls: TlsMaterial) -> None:
+        """Nothing to do here: the shared broker's certificate is its keeper's to renew
+        (``BrokerKeeper.renew_tls_if_due``); the gateways of a cluster never call this."""
 
     async def publish_crl(self, crl_pem: bytes) -> None:
         """Check the CRL only (MosquittoError INVALID_CRL / CRL_EXPIRED): the keeper installs

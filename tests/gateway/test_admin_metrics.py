@@ -17,12 +17,12 @@ import pytest
 import tomli_w
 from typer.testing import CliRunner
 
-from gateway.admin import AdminClient, attach_admin, load_profile
+from gateway.admin import AdminClient, load_profile
 from gateway.cli import app, operator
 from gateway.config import CONFIG_NAME, load_settings
 from gateway.enrollment.testing import hello_for
 from gateway.home import init_home
-from gateway.metrics_export import MetricsWriter, metrics_path
+from gateway.metrics_export import metrics_path
 from gateway.protocol import encode, topics
 from gateway.service import Gateway
 from pki.clock import SystemClock
@@ -109,13 +109,39 @@ async def test_a_hostile_enrollee_is_counted_where_an_operator_can_see_it(
     assert result["admin"]["requests"] >= 1
     assert isinstance(result["gateway"], dict)
 
-    # What the gateway writes every 10 s, as `fleetgate metrics` shows it.
+    # What the gateway writes every 10 s (and at once here), as `fleetgate metrics` shows it.
     home = gateway.settings.home
-    writer = MetricsWriter(metrics_path(home), attach_admin(gateway).snapshot)
-    assert await asyncio.to_thread(writer.write)
+    assert await asyncio.to_thread(gateway.metrics_file.write)
     shown = CliRunner().invoke(app, ["metrics", "--home", str(home), "--json"])
     assert shown.exit_code == 0, shown.output
     data = json.loads(shown.output)
     assert data["enrollment"]["rejected.unknown_manufacturer"] == 1
     assert data["up"] is True and data["node"] == result["node"]
 
+
+
+async def test_a_running_gateway_writes_its_counters_and_says_when_it_stopped(
+    tmp_path: Path,
+) -> None:
+    home = tmp_path / "home"
+    init_home(home)
+    path = home / CONFIG_NAME
+    data = tomllib.loads(path.read_text())
+    data["broker"]["enrollment_port"] = 0
+    data["broker"]["operational_port"] = 0
+    path.write_text(tomli_w.dumps(data))
+    running = Gateway(load_settings(home))
+
+    def shown() -> dict[str, Any]:
+        result = CliRunner().invoke(app, ["metrics", "--home", str(home), "--json"])
+        assert result.exit_code == 0, result.output
+        loaded: dict[str, Any] = json.loads(result.output)
+        return loaded
+
+    await running.start()
+    try:
+        assert metrics_path(home).exists()  # written at start, not 10 s later
+        assert shown()["up"] is True
+    finally:
+        await running.stop()
+    assert shown()["up"] is False
