@@ -130,8 +130,9 @@ def node_name(gateway: Gateway | None = None) -> str:
 
 
 def gateway_counts(gateway: Gateway) -> dict[str, dict[str, float]]:
-    """The ``enrollment``, ``gateway`` and ``broker`` sections of a gateway (the broker's is
-    empty on Mosquitto, which counts nothing of its own here); the admin API adds ``admin``."""
+    """The ``enrollment``, ``gateway`` and ``broker`` sections of a gateway (on Mosquitto the
+    broker section holds the refused handshakes read from its log); the admin API adds
+    ``admin``."""
     return {
         "enrollment": copy_counts(gateway.enrollment.metrics),
         "gateway": copy_counts(gateway.metrics),

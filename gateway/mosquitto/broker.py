@@ -89,6 +89,7 @@ import pwd
 import secrets
 import socket
 import ssl
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -434,6 +435,8 @@ class MosquittoBroker:
         self._on_connect = on_connect
         self._on_disconnect = on_disconnect
         self._on_refused = on_refused
+        # what the admin API's `metrics` and <home>/metrics.prom show in their broker section
+        self.metrics: Counter[str] = Counter()
         self._observer = observer
         self._follow_sessions: bool = bool(follow_sessions)
 
@@ -1160,6 +1163,7 @@ class MosquittoBroker:
             )
         log.info("refused %s on %s: %s (%s)", refused.address, LISTENER_OPERATIONAL,
                  refused.reason, refused.detail)
+        self.metrics[f"refused.{refused.reason.value}"] += 1
         if self._on_refused is None:
             return
         try:

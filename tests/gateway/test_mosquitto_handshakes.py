@@ -216,6 +216,9 @@ async def test_a_rogue_ca_and_a_missing_certificate_are_reported_with_address_an
             # what Mosquitto never logs stays empty rather than guessed
             assert refused.cert_issuer is None and refused.cert_subject is None
             assert refused.client_id is None
+        # and counted, for the admin API's metrics and <home>/metrics.prom
+        assert broker.metrics["refused.certificate_invalid"] == 1
+        assert broker.metrics["refused.no_client_certificate"] == 1
         # a device of ours gets in and is no refusal; a revoked one is one
         async with device(broker, pki, "dev-a", bind_address="127.0.0.5"):
             pass
