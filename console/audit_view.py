@@ -3,6 +3,8 @@ the gateway's verdict on whether the chain verifies."""
 
 from __future__ import annotations
 
+import html
+
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -176,14 +178,21 @@ class AuditView(QWidget):
             else "no signed checkpoint yet"
         )
         if verified.get("ok") is True:
+            warning = verified.get("warning")
+            caution = (
+                f"<br><span style='color:{theme.WARNING_COLOUR}'><b>Warning:</b> "
+                f"{html.escape(warning)}</span>"
+                if isinstance(warning, str) and warning
+                else ""
+            )
             self.verification.setText(
                 f"<span style='color:{theme.OK_COLOUR}'>Chain verifies: ok</span> — "
-                f"{checked} records checked, {signed}; {shown} shown"
+                f"{checked} records checked, {signed}; {shown} shown{caution}"
             )
         else:
             self.verification.setText(
                 f"<span style='color:{theme.DANGER_COLOUR}'><b>Chain problem:</b> "
-                f"{_text(verified.get('problem'))}</span> — {shown} shown"
+                f"{html.escape(_text(verified.get('problem')))}</span> — {shown} shown"
             )
 
     def show_error(self, failure: RequestFailure) -> None:

@@ -179,6 +179,9 @@ class ChainVerdict:
     problem: str
     checked: int
     last_checkpoint_seq: int | None
+    # Something that may be tampering or may be innocent (the trail still verifies): said, not
+    # failed, so that a scheduled check raises no false alarm.
+    warning: str = ""
 
     def __post_init__(self) -> None:
         if self.ok and (self.first_bad_seq is not None or self.problem):
@@ -260,13 +263,15 @@ def verify_chain(
     ``exported`` is a checkpoint the operator kept off the box (``gateway.audit_export``): it is
     checked like the registry's own, and names itself in the problem. ``every`` is the
     checkpoint interval the gateway signs at (``audit_checkpoint_every``): a trail longer than
-    that without a single checkpoint lost its checkpoints.
+    that without a single checkpoint gets a ``warning`` (its checkpoints may have been deleted;
+    or no gateway has run here yet, since `fleetgate` commands on their own sign nothing).
 
     Detected: an edited record (its hash no longer matches), a deleted record (a gap in the
     sequence or a broken link), an inserted record, reordered records, a tail truncated behind a
     checkpoint (the checkpoint names a record that is gone), a chain rewritten consistently behind
-    a checkpoint (the checkpoint's hash no longer matches), a forged checkpoint signature, and
-    (given ``every``) an emptied checkpoint table under a trail longer than one interval.
+    a checkpoint (the checkpoint's hash no longer matches), and a forged checkpoint signature.
+    Warned of (given ``every``): an empty checkpoint table under a trail longer than one
+    interval.
 
     Not detectable: records after the newest checkpoint can be truncated (or appended) by someone
     with write access to the database, because nothing signed vouches for them yet. That is why the
@@ -341,22 +346,24 @@ def verify_chain(
                 last_checkpoint_seq=anchored,
             )
         anchored = checkpoint.seq
+    warning = ""
     if every is not None and not checkpoints and last_seq > every:
-        # The gateway signs once ``every`` records have passed (it looks every few seconds) and at
-        # every shutdown, so a trail this long has had a checkpoint: the registry's were deleted.
-        # The one innocent cause is a gateway killed before its first look, after a burst.
-        return ChainVerdict(
-            ok=False,
-            first_bad_seq=1,
-            problem=(
-                f"no checkpoint, yet the trail holds {last_seq} records and the gateway signs "
-                f"every {every} (checkpoints deleted)"
-            ),
-            checked=0,
-            last_checkpoint_seq=anchored,
+        # A running gateway signs once ``every`` records have passed (it looks every few
+        # seconds) and at every shutdown, so such a trail may have lost its checkpoints. But
+        # records written by `fleetgate` commands while no gateway ran, or in a gateway's first
+        # seconds, are unsigned too: not proof, so a warning; an exported checkpoint decides.
+        warning = (
+            f"no checkpoint, yet the trail holds {last_seq} records and a running gateway signs "
+            f"every {every}: if a gateway has run on this home, its checkpoints were deleted "
+            "(check against an exported checkpoint: fleetgate audit verify --checkpoint FILE)"
         )
     return ChainVerdict(
-        ok=True, first_bad_seq=None, problem="", checked=last_seq, last_checkpoint_seq=anchored
+        ok=True,
+        first_bad_seq=None,
+        problem="",
+        checked=last_seq,
+        last_checkpoint_seq=anchored,
+        warning=warning,
     )
 
 

@@ -338,6 +338,7 @@ class AdminService:
             "problem": verdict.problem,
             "checked": verdict.checked,
             "last_checkpoint_seq": verdict.last_checkpoint_seq,
+            "warning": verdict.warning,
         }
 
     def _attention(self, caller: Caller, args: RequestArgs) -> dict[str, Any]:

@@ -67,6 +67,8 @@ def verify_command(
             f"[green]audit trail intact[/]: {verdict.checked} records, "
             f"last signed checkpoint at {verdict.last_checkpoint_seq}{against}"
         )
+        if verdict.warning:
+            err_console.print(f"[bold yellow]warning:[/] {escape(verdict.warning)}")
     else:
         err_console.print(f"[bold red]audit trail broken[/]: {verdict.problem}")
     raise typer.Exit(0 if verdict.ok else 1)
@@ -79,6 +81,7 @@ def _verdict_json(verdict: ChainVerdict) -> dict[str, object]:
         "first_bad_seq": verdict.first_bad_seq,
         "problem": verdict.problem,
         "last_checkpoint_seq": verdict.last_checkpoint_seq,
+        "warning": verdict.warning,
     }
 
 

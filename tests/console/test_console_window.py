@@ -290,6 +290,10 @@ def test_the_audit_view_filters_and_shows_whether_the_chain_verifies(
         if args.get("actor") == "operator:mallory":
             return {"records": [], "verified": {"ok": False, "problem": "record 7 was altered",
                                                 "checked": 9, "last_checkpoint_seq": 5}}
+        if args.get("actor") == "operator:trudy":
+            return {"records": [], "verified": {
+                "ok": True, "problem": "", "checked": 120, "last_checkpoint_seq": None,
+                "warning": "no checkpoint, yet the trail holds 120 records <deleted?>"}}
         return {"records": [record], "verified": {"ok": True, "problem": None, "checked": 9,
                                                   "last_checkpoint_seq": 5}}
 
@@ -307,6 +311,13 @@ def test_the_audit_view_filters_and_shows_whether_the_chain_verifies(
     op, args = console.client.requests[-1]
     assert op == "audit" and args["actor"] == "operator:mallory" and "since" in args
     assert "record 7 was altered" in view.verification.text()
+    # a trail that verifies but may have lost its checkpoints says so, as text, not markup
+    view.actor.setText("operator:trudy")
+    with qtbot.waitSignal(console.window.audit_loaded, timeout=3000):
+        view.apply_button.click()
+    shown = view.verification.text()
+    assert "Chain verifies: ok" in shown and "Warning:" in shown
+    assert "120 records &lt;deleted?&gt;" in shown
 
 
 def test_layout_and_columns_are_remembered_between_runs(

@@ -498,6 +498,7 @@ def test_audit_filters_newest_first_and_verifies_the_chain(fleet: Fleet) -> None
         "problem": "",
         "checked": len(fleet.store.audit_records()),
         "last_checkpoint_seq": fleet.store.audit_records()[-1].seq,
+        "warning": "",
     }
     by_actor = fleet.ok("vera", "audit", {"actor": "operator:otto"})
     assert [r["action"] for r in by_actor["records"]] == ["release", "quarantine"]
@@ -538,7 +539,7 @@ def _ask(service: AdminService, operator: str, op: str) -> dict[str, Any]:
     return result
 
 
-def test_audit_reports_a_trail_whose_checkpoints_were_all_deleted(fleet: Fleet) -> None:
+def test_audit_warns_of_a_trail_whose_checkpoints_were_all_deleted(fleet: Fleet) -> None:
     service = _service_signing_every(fleet, 3)
     for reason in ("one", "two", "three"):
         fleet.ok("otto", "quarantine", {"ids": ["dev-1"], "reason": reason})
@@ -546,13 +547,14 @@ def test_audit_reports_a_trail_whose_checkpoints_were_all_deleted(fleet: Fleet) 
     fleet.audit.checkpoint()
     records = len(fleet.store.audit_records())
     assert records > 3
-    assert _ask(service, "vera", "audit")["verified"]["ok"] is True
+    verified = _ask(service, "vera", "audit")["verified"]
+    assert verified["ok"] is True and verified["warning"] == ""
 
     fleet.store.checkpoints = lambda: []  # type: ignore[method-assign]
     verified = _ask(service, "vera", "audit")["verified"]
-    assert verified["ok"] is False
-    assert "checkpoints deleted" in verified["problem"]
-    assert f"{records} records" in verified["problem"]
+    assert verified["ok"] is True  # may be innocent: commands sign nothing on their own
+    assert "checkpoints were deleted" in verified["warning"]
+    assert f"{records} records" in verified["warning"]
 
 
 @pytest.mark.parametrize("every", [0, -1, True, 2.5])
