@@ -54,13 +54,24 @@ def checkpoint_to_json(checkpoint: AuditCheckpoint) -> str:
     return json.dumps(document, sort_keys=True, indent=2) + "\n"
 
 
+# A real document is about 400 characters: anything much bigger is not one, and is refused
+# before it is parsed (deep nesting made the JSON parser recurse out of its stack).
+MAX_DOCUMENT_CHARS = 4096
+
+
 def checkpoint_from_json(text: str) -> AuditCheckpoint:
     """Read a document written by ``checkpoint_to_json``; raises ``CheckpointFileError``
     naming the first thing that is wrong."""
+    if len(text) > MAX_DOCUMENT_CHARS:
+        raise CheckpointFileError(
+            f"too large for an exported checkpoint (over {MAX_DOCUMENT_CHARS} characters)"
+        )
     try:
         document = json.loads(text)
     except json.JSONDecodeError as exc:
         raise CheckpointFileError(f"not JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise CheckpointFileError("not JSON (nested too deeply)") from None
     if not isinstance(document, dict):
         raise CheckpointFileError("not a JSON object")
     if document.get("type") != DOCUMENT_TYPE:

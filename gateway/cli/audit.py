@@ -12,7 +12,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from gateway.audit import ChainVerdict, verify_chain, verify_checkpoint
-from gateway.audit_export import CheckpointFileError, checkpoint_from_json, checkpoint_to_json
+from gateway.audit_export import (
+    MAX_DOCUMENT_CHARS,
+    CheckpointFileError,
+    checkpoint_from_json,
+    checkpoint_to_json,
+)
 from gateway.cli.common import (
     HomeOption,
     JsonOption,
@@ -48,7 +53,9 @@ def verify_command(
     exported = None
     if checkpoint is not None:
         try:
-            exported = checkpoint_from_json(checkpoint.read_text(encoding="utf-8"))
+            # read no more than a document can hold: a huge file is refused, not loaded
+            with checkpoint.open(encoding="utf-8") as handle:
+                exported = checkpoint_from_json(handle.read(MAX_DOCUMENT_CHARS + 1))
         except (OSError, UnicodeDecodeError, CheckpointFileError) as exc:
             _report_unreadable(checkpoint, exc, as_json)
     store = open_store(settings)

@@ -371,8 +371,10 @@ def test_the_exported_checkpoint_is_a_small_json_document(home: Path, tmp_path: 
         ('{"type": "something-else"}', "not an exported audit checkpoint"),
         (None, "missing field signature"),
         ("", "not JSON"),
+        ("[" * 200_000, "too large for an exported checkpoint"),
+        ("[" * 3_000, "nested too deeply"),
     ],
-    ids=["garbage", "foreign_document", "missing_signature", "empty"],
+    ids=["garbage", "foreign_document", "missing_signature", "empty", "huge", "deeply_nested"],
 )
 def test_an_unreadable_exported_checkpoint_fails_the_check(
     home: Path, tmp_path: Path, content: str | None, reason: str
