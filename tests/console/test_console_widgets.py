@@ -92,8 +92,9 @@ def test_repainting_the_table_does_not_use_up_references_to_none(qtbot: Any) -> 
     for _ in range(200):
         view.viewport().repaint()
         view.horizontalHeader().viewport().repaint()
-    # 200 repaints of ~20 badges and 8 header sections: a leak would lose thousands.
-    assert sys.getrefcount(None) >= before
+    # 200 repaints of ~20 badges and 8 header sections: a leak would lose thousands; a
+    # collection freeing objects that held None during the loop may lose a few.
+    assert sys.getrefcount(None) >= before - 100
 
 
 def test_an_attention_section_opens_when_its_first_entries_arrive(qtbot: Any) -> None:

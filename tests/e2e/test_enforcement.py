@@ -499,10 +499,14 @@ async def test_a_revoked_device_reconnecting_during_the_revocation_keeps_no_sess
         stop.set()
         await loop
     try:
-        await asyncio.sleep(returned + 1.0 - asyncio.get_running_loop().time())
-        live = [conn for conn in kept if await asyncio.to_thread(_still_open, conn)]
+        # Cut within about a second; polled up to 5 s so that a loaded machine is not a
+        # failure, while a session that is never cut still is.
+        live = kept
+        while live and asyncio.get_running_loop().time() < returned + 5.0:
+            await asyncio.sleep(0.2)
+            live = [conn for conn in live if await asyncio.to_thread(_still_open, conn)]
         assert live == [], (
-            f"{len(live)} of {len(kept)} sessions still open 1 s after the revocation "
+            f"{len(live)} of {len(kept)} sessions still open 5 s after the revocation "
             f"({admitted_before} admitted before it began)"
         )
         assert gateway.broker is not None and a.id not in gateway.broker.connected()
