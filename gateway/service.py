@@ -78,7 +78,8 @@ T = TypeVar("T")
 BROKER_CERT_LIFETIME = timedelta(days=7)
 BROKER_TLS_CHECK_SECONDS = 3600.0
 # An expired CRL makes the TLS stack refuse every client: it is re-signed every quarter of
-# its validity ([ca] crl_validity_hours), at most every hour, long before it would lapse.
+# its validity ([ca] crl_validity_hours) or every hour, whichever comes first, long before it
+# would lapse.
 CRL_REFRESH_SECONDS = 3600.0
 CHANGE_POLL_SECONDS = 0.2
 TRUST_REFRESH_SECONDS = 1.0

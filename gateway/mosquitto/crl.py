@@ -1,7 +1,7 @@
 """Checking a CRL before Mosquitto gets it: a CRL whose nextUpdate has passed makes Mosquitto
-refuse every client certificate, revoked or not. The gateway re-signs the CRL at a quarter of
-its validity (``Gateway._refresh_crl_if_leading``, at most hourly); a cluster's broker keeper
-when ``needs_refresh`` says so."""
+refuse every client certificate, revoked or not. The gateway re-signs the CRL every quarter of
+its validity or every hour, whichever comes first (``Gateway._refresh_crl_if_leading``); a
+cluster's broker keeper when ``needs_refresh`` says so."""
 
 from __future__ import annotations
 
