@@ -36,9 +36,9 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from gateway.broker.refusals import RefusalReason
+from gateway.broker.refusals import RefusalReason, peer_address, remote_host
 
-__all__ = ["HandshakeRefused", "HandshakeWatch", "refusal_reason"]
+__all__ = ["HandshakeRefused", "HandshakeWatch", "logged_peer", "refusal_reason"]
 
 _TIMESTAMP = re.compile(r"^\d+: ")
 _NEW_CONNECTION = re.compile(r"^New connection from (?P<address>\S+) on port (?P<port>\d+)\.$")
@@ -73,6 +73,16 @@ def refusal_reason(error: str) -> RefusalReason:
     return RefusalReason.TLS_HANDSHAKE_FAILED
 
 
+def logged_peer(address: str) -> str:
+    """A peer as Mosquitto logs it, "%s:%d" with an IPv6 host unbracketed ("::1:50106"),
+    written as ``peer_address`` writes one ("[::1]:50106"), which ``remote_host`` reads
+    unambiguously. Anything else (IPv4, bracketed already, no port) is returned as is."""
+    host, sep, port = address.rpartition(":")
+    if sep and ":" in host and not host.startswith("[") and port.isdigit():
+        return peer_address(host, int(port))
+    return address
+
+
 def _error_text(error: str) -> str:
     match = _ERROR_REASON.match(error.strip())
     return (match["reason"] if match else error).strip()
@@ -80,7 +90,8 @@ def _error_text(error: str) -> str:
 
 @dataclass(frozen=True)
 class HandshakeRefused:
-    """One refused handshake. ``address``: "host:port", the host alone when Mosquitto named
+    """One refused handshake. ``address``: "host:port" ("[host]:port" for IPv6, as
+    ``gateway.broker.refusals.peer_address`` writes it), the host alone when Mosquitto named
     only that, "unknown" when its connection notice was missed; ``port``: the listener's, None
     when unknown; ``candidates``: how many connections were in their handshake on a TLS port
     when it failed (more than 1: the address may be another of them)."""
@@ -111,19 +122,24 @@ class HandshakeWatch:
         if not isinstance(line, str):
             raise TypeError(f"line must be a str, not {type(line).__name__}")
         text = _TIMESTAMP.sub("", line.rstrip("\r\n"), count=1)
-        if (match := _NEW_CONNECTION.match(text)) is not None:
-            self._pending[match["address"]] = int(match["port"])
-            self._pending.move_to_end(match["address"])
-            while len(self._pending) > _MAX_PENDING:
-                self._pending.popitem(last=False)
-        elif (match := _CONNECTED.match(text)) is not None:
-            self._pending.pop(match["address"], None)  # its handshake succeeded
-        elif (match := _OPENSSL_ERROR.match(text)) is not None:
+        if (match := _OPENSSL_ERROR.match(text)) is not None:
             if match["index"] == "0":
                 self._errors = []
             self._errors.append(match["error"])
+            return None
+        # OpenSSL's errors belong to the line right after them: a refused handshake's
+        # "Client <unknown> ..." follows at once. After any other line (a live session's
+        # "Client dev-a disconnected", say) they were that connection's, never a later one's.
+        errors, self._errors = self._errors, []
+        if (match := _NEW_CONNECTION.match(text)) is not None:
+            address = logged_peer(match["address"])
+            self._pending[address] = int(match["port"])
+            self._pending.move_to_end(address)
+            while len(self._pending) > _MAX_PENDING:
+                self._pending.popitem(last=False)
+        elif (match := _CONNECTED.match(text)) is not None:
+            self._pending.pop(logged_peer(match["address"]), None)  # its handshake succeeded
         elif _UNKNOWN_ENDED.match(text) is not None:
-            errors, self._errors = self._errors, []
             return self._ended(errors)
         elif (match := _ACCEPT_FAILED.match(text)) is not None:
             return self._accept_failed(match["host"], match["error"])
@@ -155,7 +171,7 @@ class HandshakeWatch:
         """Refused at once: the host is named, the port only when its "New connection" line
         came first (the newest one from that host)."""
         for address in reversed(self._pending):
-            if address.rsplit(":", 1)[0] == host:
+            if remote_host(address) == host:
                 port = self._pending.pop(address)
                 return HandshakeRefused(address, port, refusal_reason(error), _error_text(error))
         return HandshakeRefused(host, None, refusal_reason(error), _error_text(error))

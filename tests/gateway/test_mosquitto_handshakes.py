@@ -23,9 +23,9 @@ from test_mosquitto_broker import (  # the Mosquitto test kit: PKI, clients, bro
     start_broker,
 )
 
-from gateway.broker.refusals import RefusalReason, RefusedConnection
+from gateway.broker.refusals import RefusalReason, RefusedConnection, remote_host
 from gateway.mosquitto import HandshakeRefused, HandshakeWatch, Listeners, MosquittoBroker
-from gateway.mosquitto.handshakes import refusal_reason
+from gateway.mosquitto.handshakes import logged_peer, refusal_reason
 from gateway.store import IdentityState
 from pki.issue import Issuer
 from pki.testing import make_issuing_ca
@@ -107,6 +107,67 @@ def test_connections_that_complete_or_leave_quietly_are_no_refusals() -> None:
     assert refused.address == "127.0.0.9:2000" and refused.candidates == 1
 
 
+def test_a_live_sessions_error_is_not_pinned_on_a_later_quiet_connection() -> None:
+    """A device's dropped link logs an OpenSSL error before its own disconnect line; a health
+    check that connects and leaves without a word afterwards refused nothing."""
+    watch = HandshakeWatch([TLS_PORT])
+    lines = [
+        f"New connection from 10.0.0.5:1000 on port {TLS_PORT}.",
+        "New client connected from 10.0.0.5:1000 as dev-a (p2, c1, k60, u'dev-a').",
+        "OpenSSL Error[0]: error:0A000126:SSL routines::unexpected eof while reading",
+        "Client dev-a disconnected: Protocol error.",
+        f"New connection from 10.0.0.9:2000 on port {TLS_PORT}.",
+        "Client <unknown> closed its connection.",
+    ]
+    assert feed(watch, lines) == []
+    # a refused handshake's errors, one line after another, are still its own
+    [refused] = feed(watch, [
+        f"New connection from 10.0.0.7:3000 on port {TLS_PORT}.",
+        "OpenSSL Error[0]: error:0A000086:SSL routines::certificate verify failed",
+        "OpenSSL Error[1]: error:0A000139:SSL routines::deprecated error",
+        "Client <unknown> disconnected: Protocol error.",
+    ])  # fmt: skip
+    assert (refused.address, refused.reason) == ("10.0.0.7:3000",
+                                                 RefusalReason.CERTIFICATE_INVALID)
+    assert refused.detail == "certificate verify failed; deprecated error"
+
+
+def test_ipv6_peers_are_written_in_brackets_and_matched_by_host() -> None:
+    """Mosquitto logs "::1:50106" (verified with 2.0.11); the refusal says "[::1]:50106", and a
+    handshake refused at once, which Mosquitto names by host alone, finds its port."""
+    watch = HandshakeWatch([TLS_PORT])
+    [refused] = feed(watch, refused_handshake("2001:db8:::40000", VERIFY_FAILED))
+    assert refused.address == "[2001:db8::]:40000"
+    [refused] = feed(watch, [
+        f"New connection from 2001:db8::7:4242 on port {TLS_PORT}.",
+        "Client connection from 2001:db8::7 failed: "
+        "error:0A00010B:SSL routines::wrong version number.",
+    ])  # fmt: skip
+    assert (refused.address, refused.port) == ("[2001:db8::7]:4242", TLS_PORT)
+    # the same connection, completed, leaves the table under its bracketed name
+    feed(watch, [
+        f"New connection from ::1:5000 on port {TLS_PORT}.",
+        "New client connected from ::1:5000 as dev-a (p2, c1, k60, u'dev-a').",
+    ])  # fmt: skip
+    [refused] = feed(watch, refused_handshake("::1:5001", VERIFY_FAILED))
+    assert refused.address == "[::1]:5001" and refused.candidates == 1
+
+
+@pytest.mark.parametrize(
+    ("logged", "peer"),
+    [
+        ("127.0.0.1:5000", "127.0.0.1:5000"),
+        ("::1:50106", "[::1]:50106"),
+        ("2001:db8:::40000", "[2001:db8::]:40000"),
+        ("[::1]:50106", "[::1]:50106"),  # already written so
+        ("127.0.0.6", "127.0.0.6"),  # a host alone
+        ("unknown", "unknown"),
+    ],
+)
+def test_mosquittos_peers_are_written_as_the_embedded_brokers(logged: str, peer: str) -> None:
+    assert logged_peer(logged) == peer
+
+
 def test_overlapping_handshakes_say_the_address_is_uncertain() -> None:
     watch = HandshakeWatch([TLS_PORT])
     lines = [
@@ -155,10 +216,6 @@ def test_a_restart_forgets_handshakes_under_way_and_lines_must_be_text() -> None
 
 # -- a real Mosquitto ----------------------------------------------------------------------------
 
-def host(remote: str) -> str:
-    return remote.rsplit(":", 1)[0]
-
-
 async def refusals_reported(
     seen: list[RefusedConnection], count: int
 ) -> list[RefusedConnection]:
@@ -206,9 +263,9 @@ async def test_a_rogue_ca_and_a_missing_certificate_are_reported_with_address_an
         assert not await admitted(broker, pki, None, "127.0.0.4")
         first, second = await refusals_reported(seen, 2)
         # "host:port", or the host alone when the handshake failed as it was accepted
-        assert host(first.remote) == "127.0.0.3"
+        assert remote_host(first.remote) == "127.0.0.3"
         assert first.reason == RefusalReason.CERTIFICATE_INVALID
-        assert host(second.remote) == "127.0.0.4"
+        assert remote_host(second.remote) == "127.0.0.4"
         assert second.reason == RefusalReason.NO_CLIENT_CERTIFICATE
         for refused in (first, second):
             assert refused.listener == "operational"
@@ -226,7 +283,7 @@ async def test_a_rogue_ca_and_a_missing_certificate_are_reported_with_address_an
         await broker.publish_crl(pki.crl(pki.credential("dev-a")))
         assert not await admitted(broker, pki, pki.issuer, "127.0.0.6")
         *_, revoked = await refusals_reported(seen, 3)
-        assert host(revoked.remote) == "127.0.0.6"
+        assert remote_host(revoked.remote) == "127.0.0.6"
         assert revoked.reason == RefusalReason.CERTIFICATE_INVALID
         assert len(seen) == 3
     finally:
