@@ -58,7 +58,12 @@ from gateway.broker.connect import (
     read_connect,
 )
 from gateway.broker.ingress import IngressLimit, IngressMeter
-from gateway.broker.refusals import RefusalReason, RefusedConnection, remote_host
+from gateway.broker.refusals import (
+    RefusalReason,
+    RefusedConnection,
+    peer_address,
+    remote_host,
+)
 from gateway.broker.tls import (
     CertificateInfo,
     TlsMaterial,
@@ -218,7 +223,8 @@ class EmbeddedBroker:
     """amqtt in this process, with our listeners, authentication and topic ACLs.
 
     All methods belong to the event loop the broker was started in (call them from it).
-    ``on_connect(principal, remote)`` runs when a client is admitted ("host:port" of the peer),
+    ``on_connect(principal, remote)`` runs when a client is admitted ("host:port" of the peer,
+    "[host]:port" for IPv6: ``peer_address``),
     ``on_disconnect(principal)`` when an admitted client's connection ends, ``on_clone(principal,
     first_remote, second_remote)`` when a device identity tries a second live session,
     ``on_refused`` for
@@ -560,7 +566,7 @@ class EmbeddedBroker:
         self, listener: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         peer = writer.get_extra_info("peername") or ("?", 0)
-        conn = _Connection(listener, f"{peer[0]}:{peer[1]}", writer)
+        conn = _Connection(listener, peer_address(str(peer[0]), int(peer[1])), writer)
         self._conns.add(conn)
         try:
             sock = _tcp_socket(writer)

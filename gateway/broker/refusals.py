@@ -10,7 +10,7 @@ from enum import StrEnum
 
 from pki.clock import require_aware
 
-__all__ = ["RefusalReason", "RefusedConnection"]
+__all__ = ["RefusalReason", "RefusedConnection", "peer_address", "remote_host"]
 
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 
@@ -53,11 +53,25 @@ class RefusalReason(StrEnum):
     SHUTTING_DOWN = "shutting_down"
 
 
+def peer_address(host: str, port: int) -> str:
+    """A peer as "host:port", an IPv6 host in brackets ("[2001:db8::]:40000") so that its own
+    colons cannot be read as the port's (``remote_host`` reads it back)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def remote_host(remote: str) -> str:
-    """The host part of a "host:port" peer (IPv6 hosts contain colons; a peer given without
-    its port, as Mosquitto sometimes logs one, is all host)."""
-    host, sep, port = remote.rpartition(":")
-    return host if sep and port.isdigit() and host and not host.endswith(":") else remote
+    """The host of a peer: "[v6]:port" -> "v6", "v4:port" -> "v4"; a bare address (no port,
+    as Mosquitto logs one when a handshake fails at once) is all host. An IPv6 address with
+    a port is only told from one without in brackets: unbracketed, it is taken as bare."""
+    if remote.startswith("["):
+        host, bracket, rest = remote[1:].partition("]")
+        if bracket and host and (not rest or (rest[0] == ":" and rest[1:].isdigit())):
+            return host
+        return remote
+    host, sep, port = remote.partition(":")
+    if sep and host and port.isdigit():  # one colon only: an IPv4 address or a name
+        return host
+    return remote
 
 
 @dataclass(frozen=True)
@@ -67,7 +81,7 @@ class RefusedConnection:
     shows as an unknown identity)."""
 
     listener: str
-    remote: str  # "host:port"
+    remote: str  # "host:port", "[v6 host]:port" (``peer_address``) or the host alone
     reason: str  # a RefusalReason value
     client_id: str | None
     cert_subject: str | None  # RFC 4514

@@ -105,7 +105,7 @@ from gateway.acl import (
     Principal,
     PrincipalKind,
 )
-from gateway.broker.refusals import RefusedConnection
+from gateway.broker.refusals import RefusedConnection, remote_host
 from gateway.broker_control import IdentityLike
 from gateway.mosquitto import dynsec
 from gateway.mosquitto.commit import GroupCommit
@@ -120,7 +120,7 @@ from gateway.mosquitto.enrollment import (
 )
 from gateway.mosquitto.errors import MosquittoError, MosquittoReason
 from gateway.mosquitto.files import rotate_if_large, write_atomic
-from gateway.mosquitto.handshakes import HandshakeRefused, HandshakeWatch
+from gateway.mosquitto.handshakes import HandshakeRefused, HandshakeWatch, logged_peer
 from gateway.mosquitto.patterns import render_device_patterns
 from gateway.mosquitto.process import (
     MosquittoProcess,
@@ -244,11 +244,6 @@ def _granted(codes: Iterable[object]) -> bool:
         if not isinstance(value, int) or value >= 0x80:
             return False
     return True
-
-
-def _address_host(address: str) -> str:
-    """The host of Mosquitto's "host:port" (an IPv6 host has colons of its own)."""
-    return address.rsplit(":", 1)[0]
 
 
 # Sessions the observer hears of: a certificate's identity on the operational listener, not an
@@ -842,16 +837,17 @@ class MosquittoBroker:
                 self._operators.add(session.client_id)
         if principal is None:
             return
+        address = logged_peer(session.address)  # "[v6]:port", as the embedded broker's
         try:
             if connected and self._on_connect is not None:
-                self._on_connect(principal, session.address)
+                self._on_connect(principal, address)
             elif not connected and self._on_disconnect is not None:
                 self._on_disconnect(principal)
         except Exception:
             log.exception("%s callback failed", "on_connect" if connected else "on_disconnect")
         if principal.kind in _CERTIFICATE_KINDS:
             self._notify(
-                observe.Connected(principal.name, session.address)
+                observe.Connected(principal.name, address)
                 if connected
                 else observe.Disconnected(principal.name)
             )
@@ -1198,23 +1194,24 @@ class MosquittoBroker:
         if current.port != self._ports["operational"] or current.username is None:
             return
         known = self._enforced.get(current.username)
+        first, second = logged_peer(previous.address), logged_peer(current.address)
         if (
             known is None
             or known.kind is not IdentityKind.DEVICE
             or known.state is IdentityState.REVOKED
             or previous.username != current.username
-            or _address_host(previous.address) == _address_host(current.address)
+            or remote_host(first) == remote_host(second)
         ):
             return
         log.warning(
             "device %s live from %s connected again from %s: clone",
-            current.username, previous.address, current.address,
+            current.username, first, second,
         )
         if self._on_clone is None:
             return
         principal = Principal("device", current.username, LISTENER_OPERATIONAL)
         try:
-            self._on_clone(principal, previous.address, current.address)
+            self._on_clone(principal, first, second)
         except Exception:
             log.exception("on_clone callback failed")
         # The embedded broker refuses the second session; Mosquitto gave it the first one's

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 import struct
 import time
@@ -186,15 +187,15 @@ class Env:
         return self.refused
 
 
-def make_env(pki: Pki, **kwargs: object) -> Env:
+def make_env(pki: Pki, listeners: ListenerConfig | None = None, **kwargs: object) -> Env:
     states: dict[str, IdentityState] = {}
     refused: list[RefusedConnection] = []
     connects: list[tuple[Principal, str]] = []
     disconnects: list[Principal] = []
     broker = EmbeddedBroker(
-        ListenerConfig(enrollment_port=0, operational_port=0),
+        listeners or ListenerConfig(enrollment_port=0, operational_port=0),
         pki.tls,
-        TopicAcl(states.get),
+        TopicAcl(lambda identity: states.get(identity)),
         internal_password=PASSWORD,
         on_refused=refused.append,
         on_connect=lambda p, remote: connects.append((p, remote)),
@@ -223,7 +224,7 @@ class Spy:
 
     async def run(self) -> None:
         async for message in self.client.messages:
-            self.seen.append((str(message.topic), bytes(message.payload)))  # type: ignore[arg-type]
+            self.seen.append((str(message.topic), bytes(message.payload)))
 
     def topics(self) -> list[str]:
         return [t for t, _ in self.seen]
@@ -658,6 +659,51 @@ async def test_quarantine_applies_to_the_next_message_without_reconnect(env: Env
     assert spy.seen.count(("fg/v1/dev/dev-a/telemetry", b"before")) == 1
     assert ("fg/v1/dev/dev-a/telemetry", b"after") not in spy.seen
     assert received == ["fg/v1/dev/dev-a/renew/resp"]
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+async def test_an_ipv6_peer_is_named_in_brackets_and_reconnecting_is_no_clone(
+    pki_env: Pki,
+) -> None:
+    """"[::1]:port": the host reads back whole, so a device reconnecting from its IPv6 host
+    on a new port takes its session over instead of being quarantined as a clone."""
+    clones: list[tuple[str, str]] = []
+    environment = make_env(
+        pki_env,
+        ListenerConfig(host="::1", enrollment_port=0, operational_port=0),
+        on_clone=lambda p, first, second: clones.append((first, second)),
+    )
+    environment.states["dev-a"] = IdentityState.ACTIVE
+    await environment.broker.start()
+    try:
+        ctx = pki_env.client_context(pki_env.credential("dev-a"))
+        ctx.check_hostname = False  # the test server certificate names 127.0.0.1 only
+        port = environment.ports["operational"]
+        old_reader, old_writer = await asyncio.open_connection("::1", port, ssl=ctx)
+        old_writer.write(connect_packet("dev-a"))
+        assert (await old_reader.readexactly(4))[3] == 0
+        new_reader, new_writer = await asyncio.open_connection("::1", port, ssl=ctx)
+        new_writer.write(connect_packet("dev-a"))
+        assert (await new_reader.readexactly(4))[3] == 0  # admitted: a takeover
+        assert await asyncio.wait_for(old_reader.read(1), 2) == b""
+        for writer in (old_writer, new_writer):
+            writer.close()
+        remotes = [remote for _, remote in environment.connects]
+        assert len(remotes) == 2 and clones == []
+        for remote in remotes:
+            host, _, peer_port = remote.rpartition(":")
+            assert host == "[::1]" and peer_port.isdigit()
+    finally:
+        await environment.broker.stop()
 
 
 # -- the internal listener and malformed peers ------------------------------------------------

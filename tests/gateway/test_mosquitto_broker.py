@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 from gateway import observe
 from gateway.acl import Principal
+from gateway.broker.refusals import remote_host
 from gateway.mosquitto import (
     Listeners,
     MosquittoBroker,
@@ -41,6 +42,8 @@ from gateway.mosquitto import (
     ServerTlsMaterial,
     dynsec,
 )
+from gateway.mosquitto.handshakes import logged_peer
+from gateway.mosquitto.sessions import Session
 from gateway.observe import Observation
 from gateway.protocol import topics
 from gateway.store import IdentityState
@@ -642,7 +645,7 @@ async def connected_from(
     deadline = time.monotonic() + 3
     while True:
         session = tracker.sessions().get(client_id)
-        if session is not None and session.address.rsplit(":", 1)[0] == host:
+        if session is not None and remote_host(logged_peer(session.address)) == host:
             return
         assert time.monotonic() < deadline, f"{client_id} never seen from {host}"
         await asyncio.sleep(0.02)
@@ -717,6 +720,33 @@ async def test_a_clone_loses_the_session_once_the_device_is_quarantined(
         await guarded.stop()
 
 
+def test_a_device_reconnecting_from_an_ipv6_host_is_no_clone(tmp_path: Path) -> None:
+    """Mosquitto logs an IPv6 peer unbracketed ("2001:db8:::40000"): a host ending in "::"
+    is still one host on two ports, and a clone's addresses reach ``on_clone`` bracketed."""
+    clones: list[tuple[Principal, str, str]] = []
+    broker = MosquittoBroker(
+        tmp_path / "unused",
+        Listeners("::", 1883, 1884, 1885),
+        None,
+        None,
+        external=True,
+        admin_password=ADMIN_PASSWORD,
+        on_clone=lambda *seen: clones.append(seen),
+    )
+    broker._enforced["dev-c"] = dynsec.Enforcement(
+        "dev-c", IdentityKind.DEVICE, IdentityState.ACTIVE
+    )
+
+    def session(address: str) -> Session:
+        return Session("dev-c", 1884, "dev-c", address)
+
+    broker._judge_takeover(session("2001:db8:::40000"), session("2001:db8:::40001"))
+    assert clones == []
+    broker._judge_takeover(session("2001:db8:::40001"), session("2001:db8::1:40002"))
+    assert clones == [(Principal("device", "dev-c", "operational"),
+                       "[2001:db8::]:40001", "[2001:db8::1]:40002")]  # fmt: skip
+
+
 async def test_takeovers_that_are_not_a_device_clone_are_not_reported(
     pki: Pki, tmp_path: Path
 ) -> None:
@@ -756,7 +786,7 @@ async def test_connections_and_disconnections_are_reported(pki: Pki, tmp_path: P
         while len(seen) < count:
             assert time.monotonic() < deadline, seen
             await asyncio.sleep(0.02)
-        return [(what, who, remote.rsplit(":", 1)[0]) for what, who, remote in seen]
+        return [(what, who, remote_host(remote)) for what, who, remote in seen]
 
     device_a = Principal("device", "dev-cb", "operational")
     enrollee_b = Principal("enrollee", "enr-cb", "enrollment")
@@ -784,7 +814,7 @@ async def test_connections_and_disconnections_are_reported(pki: Pki, tmp_path: P
             await watcher.publish("fg/v1/nothing", b"")
         [connected, disconnected] = observed
         assert isinstance(connected, observe.Connected) and connected.identity == "dev-cb"
-        assert connected.remote.rsplit(":", 1)[0] == "127.0.0.1"
+        assert remote_host(connected.remote) == "127.0.0.1"
         assert disconnected == observe.Disconnected("dev-cb")
     finally:
         await broker.stop()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.broker.refusals import RefusedConnection, remote_host
+from gateway.broker.refusals import RefusedConnection, peer_address, remote_host
 from gateway.config import load_settings
 from gateway.home import init_home
 from gateway.service import Gateway
@@ -36,14 +36,37 @@ def refused(remote: str, *, fingerprint: str | None = None) -> RefusedConnection
     ("remote", "host"),
     [
         ("127.0.0.3:37619", "127.0.0.3"),
+        ("gw.example:8883", "gw.example"),
+        ("[2001:db8::7]:8883", "2001:db8::7"),
+        ("[2001:db8::]:40000", "2001:db8::"),  # a host ending in "::" keeps its colons
+        ("[::1]:8883", "::1"),
+        # a bare address: Mosquitto names a handshake refused at once by host alone
         ("127.0.0.3", "127.0.0.3"),
         ("::1", "::1"),
-        ("2001:db8::7:8883", "2001:db8::7"),
-        ("[2001:db8::7]:8883", "[2001:db8::7]"),
+        ("2001:db8::", "2001:db8::"),
+        ("[::1]", "::1"),
+        # unbracketed, an IPv6 address is whole: "2001:db8::7:8883" is an address itself
+        ("2001:db8::7:8883", "2001:db8::7:8883"),
+        # what is neither is returned as it is, never half-parsed
+        ("[2001:db8::7", "[2001:db8::7"),
+        ("[::1]:port", "[::1]:port"),
+        ("[]:80", "[]:80"),
+        ("host:", "host:"),
+        (":80", ":80"),
+        ("unknown", "unknown"),
     ],
 )
 def test_the_host_of_a_peer(remote: str, host: str) -> None:
     assert remote_host(remote) == host
+
+
+@pytest.mark.parametrize("host", ["127.0.0.3", "::1", "2001:db8::", "2001:db8::7", "gw.example"])
+def test_a_peer_written_with_its_port_gives_its_host_back(host: str) -> None:
+    """Two sessions from one host on different ports are one host (else the embedded broker
+    takes a device reconnecting from an IPv6 host ending in "::" for a clone)."""
+    first, second = peer_address(host, 40000), peer_address(host, 40001)
+    assert first != second
+    assert remote_host(first) == remote_host(second) == host
 
 
 def test_the_source_host_is_part_of_the_key_only_when_given() -> None:
