@@ -181,6 +181,12 @@ _REFUSAL_WIDTHS = {
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 
 
+# Opens the source_host slot. 0xff never occurs in UTF-8, so no key without a source host (all
+# UTF-8, its client id free text) can spell one with: a client cannot pick a client id that
+# files its refusals under another host's row.
+_SOURCE_HOST_SLOT = b"|\xffhost="
+
+
 def refusal_key(
     listener: str,
     reason: str,
@@ -195,28 +201,35 @@ def refusal_key(
     ``reason``, ``cert_fingerprint`` and ``source_host`` may not contain ``|`` (ValueError),
     which keeps the joined text unambiguous; ``client_id`` comes last and may contain anything.
     ``source_host`` keeps apart clients that nothing else tells apart (no certificate and no
-    client id seen): without it every such client would share one row.
+    client id seen): without it every such client would share one row. Given, it goes before
+    the client id behind a marker no text can hold (``_SOURCE_HOST_SLOT``); not given, the key
+    is what it always was, so rows aggregated before keep growing.
     """
     fields = (
         ("listener", listener),
         ("reason", reason),
         ("cert_fingerprint", cert_fingerprint),
-        *((("source_host", source_host),) if source_host is not None else ()),
+        ("source_host", source_host),
         ("client_id", client_id),
     )
-    parts = []
+    parts: dict[str, str] = {}
     for name, value in fields:
         optional = name in ("cert_fingerprint", "client_id", "source_host")
         if value is None and optional:
-            parts.append("")
+            parts[name] = ""
             continue
         if not isinstance(value, str):
             allowed = "a str or None" if optional else "a str"
             raise TypeError(f"{name} must be {allowed}, not {type(value).__name__}")
         if name != "client_id" and "|" in value:
             raise ValueError(f"{name} must not contain '|'")
-        parts.append(value)
-    return hashlib.sha256("|".join(parts).encode("utf-8")).hexdigest()
+        parts[name] = value
+    head = "|".join((parts["listener"], parts["reason"], parts["cert_fingerprint"]))
+    text = head.encode("utf-8")
+    if source_host is not None:
+        text += _SOURCE_HOST_SLOT + parts["source_host"].encode("utf-8")
+    text += b"|" + parts["client_id"].encode("utf-8")
+    return hashlib.sha256(text).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ client id: what Mosquitto's log gives) are kept apart by the host they came from
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from hashlib import sha256
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,26 @@ def test_the_source_host_is_part_of_the_key_only_when_given() -> None:
     assert len({plain, a, b}) == 3
     with pytest.raises(ValueError):
         refusal_key("operational", "no_client_certificate", None, None, "a|b")
+
+
+@pytest.mark.parametrize(
+    "client_id",
+    ["203.0.113.9|", "host=203.0.113.9|", "\xffhost=203.0.113.9|", "|203.0.113.9|", "203.0.113.9"],
+)
+def test_no_client_id_files_its_refusals_under_a_hosts_row(client_id: str) -> None:
+    """The client id is the client's own choice: whatever it is, it cannot join the row of
+    the certificate-less clients of a host."""
+    hosts_row = refusal_key("operational", "no_client_certificate", None, None,
+                            source_host="203.0.113.9")  # fmt: skip
+    assert refusal_key("operational", "no_client_certificate", None, client_id) != hosts_row
+    assert refusal_key("operational", "no_client_certificate", None, client_id,
+                       source_host="203.0.113.9") != hosts_row  # fmt: skip
+
+
+def test_rows_without_a_source_host_keep_their_key() -> None:
+    """Registries aggregated before source hosts existed keep growing the same rows."""
+    joined = b"operational|unknown_ca||ghost"
+    assert refusal_key("operational", "unknown_ca", None, "ghost") == sha256(joined).hexdigest()
 
 
 def test_anonymous_clients_get_a_row_per_host_and_a_certificate_one_row(tmp_path: Path) -> None:
