@@ -19,6 +19,7 @@ from typing import Any
 
 from gateway.anomaly.settings import AnomalySettings, AnomalySettingsError
 from gateway.enrollment.policy import (
+    _SHA256_HEX,  # the digests the policy itself accepts
     MAX_CERT_LIFETIME,
     MAX_CLOCK_SKEW_RANGE,
     MAX_PENDING_RETRY_AFTER,
@@ -54,7 +55,6 @@ PENDING_RETRY_BOUNDS = (1, MAX_PENDING_RETRY_AFTER)
 # A CA outliving a century is a mistake, and certificate dates stop at the year 9999.
 MAX_CA_LIFETIME_DAYS = 36500
 CRL_VALIDITY_BOUNDS = (1, 24 * 30)
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _DATABASE_URL = re.compile(r"(sqlite|postgresql(\+psycopg)?)://.*", re.DOTALL)
 
 
@@ -326,7 +326,7 @@ def _policy(data: Mapping[str, Any]) -> PolicySettings:
     if unknown:
         raise ConfigError(f"unknown setting policy.{sorted(unknown)[0]}")
     rules = data.get("auto_approve", [])
-    if not isinstance(rules, list):
+    if not isinstance(rules, list) or not all(isinstance(rule, dict) for rule in rules):
         raise ConfigError("policy.auto_approve must be a list of tables")
     firmware = data.get("firmware", {})
     if not isinstance(firmware, dict) or not all(

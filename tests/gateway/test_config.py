@@ -64,6 +64,8 @@ def test_the_file_init_writes_loads_with_its_values() -> None:
         ({"enrollment": {"pending_retry_after": 0}}, "enrollment.pending_retry_after"),
         ({"enrollment": {"pending_retry_after": 3601}}, "enrollment.pending_retry_after"),
         ({"policy": {"auto_approve": [{"model": ""}]}}, "policy.auto_approve.model"),
+        ({"policy": {"auto_approve": ["TH-200"]}}, "policy.auto_approve must be a list of tables"),
+        ({"policy": {"auto_approve": {"model": "*"}}}, "policy.auto_approve must be a list of"),
         ({"policy": {"firmware": {"": ["ab" * 32]}}}, "policy.firmware"),
         ({"policy": {"firmware": {"TH-200": ["AB" * 32]}}}, "TH-200"),
         ({"policy": {"denied_birth_fingerprints": ["not-hex"]}}, "denied_birth_fingerprints"),
