@@ -182,7 +182,8 @@ async def _start_or_fail(
         if isinstance(exc, OSError) and exc.errno in _CANNOT_LISTEN and ports:
             listed = ", ".join(f"{port} ({source})" for port, source in ports.values())
             fail(f"cannot listen on {host} ports {listed}: {exc.strerror or exc}")
-        fail(f"cannot start the gateway: {exc or type(exc).__name__}")
+        # str(): an exception is always true, and asyncio's timeout is a bare TimeoutError()
+        fail(f"cannot start the gateway: {str(exc) or type(exc).__name__}")
 
 
 def _port_sources(settings: Settings, **options: int | None) -> dict[str, tuple[int, str]]:

@@ -425,3 +425,24 @@ def test_run_on_an_address_not_of_this_machine_says_it_cannot_listen(home: Path)
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
     said = one_line(result.output)
     assert "cannot listen on 192.0.2.1" in said and "broker.enrollment_port" in said
+
+
+def test_a_start_that_times_out_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    import asyncio
+
+    import typer
+
+    from gateway.cli.run import _start_or_fail
+
+    stopped: list[bool] = []
+
+    async def start() -> None:
+        raise TimeoutError()  # what asyncio.wait_for raises: no message of its own
+
+    async def stop() -> None:
+        stopped.append(True)
+
+    with pytest.raises(typer.Exit):
+        asyncio.run(_start_or_fail(start, stop, "127.0.0.1", {}))
+    assert "cannot start the gateway: TimeoutError" in one_line(capsys.readouterr().err)
+    assert stopped == [True]
