@@ -39,6 +39,7 @@ from pki.errors import KeyStoreError
 
 if TYPE_CHECKING:
     from gateway.cluster import ClusterMember
+    from gateway.cluster.keeper import BrokerKeeper
     from gateway.service import Gateway
 
 log = logging.getLogger(__name__)
@@ -92,11 +93,25 @@ def _use_database(url: str | None) -> None:
 def _open_gateway(
     settings: Settings, *, broker_kind: str | None = None, cluster: ClusterMember | None = None
 ) -> Gateway:
-    """The gateway built from its home, or a one-line error: a bad key, passphrase, registry
-    or setting never reaches the operator as a traceback."""
+    """The gateway built from its home, or a one-line error (see ``_opened``)."""
     # imported here: `fleetgate --help` and the other commands need none of the service
-    from gateway.cluster import ClusterError
     from gateway.service import Gateway
+
+    return _opened(settings, lambda: Gateway(settings, broker_kind=broker_kind, cluster=cluster))
+
+
+def _open_keeper(settings: Settings, internal_port: int | None) -> BrokerKeeper:
+    """The shared broker's keeper (a gateway that is never started, opened as `run` opens
+    one), or a one-line error."""
+    from gateway.cluster.keeper import BrokerKeeper
+
+    return _opened(settings, lambda: BrokerKeeper(settings, internal_port=internal_port))
+
+
+def _opened(settings: Settings, build: Callable[[], T]) -> T:
+    """``build()``, which opens the home's keys and registry, or a one-line error: a bad key,
+    passphrase, PIN, registry or setting never reaches the operator as a traceback."""
+    from gateway.cluster import ClusterError
     from gateway.store import StoreError
 
     try:
@@ -104,7 +119,7 @@ def _open_gateway(
     except ConfigError as exc:
         fail(str(exc))
     try:
-        return Gateway(settings, broker_kind=broker_kind, cluster=cluster)
+        return build()
     except (KeyStoreError, ConfigError) as exc:
         fail(f"cannot open the gateway's keys: {exc}")
     except StoreError as exc:
@@ -289,8 +304,6 @@ def broker_command(
 ) -> None:
     """Run the Mosquitto that several gateways (`fleetgate run --cluster`) share, until SIGINT
     or SIGTERM. Listens on the home's broker ports; writes cluster/broker.json for them."""
-    from gateway.cluster.keeper import BrokerKeeper
-
     _use_database(database)
     settings = settings_for(home)
     if internal_port is not None and not 0 <= internal_port < 65536:
@@ -300,7 +313,7 @@ def broker_command(
     async def serve() -> None:
         stop = asyncio.Event()
         _stop_on_signals(stop)
-        keeper = BrokerKeeper(settings, internal_port=internal_port)
+        keeper = _open_keeper(settings, internal_port)
         # keeper.start stops what it began when it fails
         sources = _port_sources(settings)
         shared = await _start_or_fail(keeper.start, None, settings.broker.host, sources)

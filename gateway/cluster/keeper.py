@@ -160,7 +160,8 @@ class BrokerKeeper:
 
     async def stop(self) -> None:
         """Stop the broker whatever else fails: its processes run in sessions of their own and
-        would outlive the keeper."""
+        would outlive the keeper. Then close the keys (with ca.key_store = "pkcs11" a token
+        session, which logs this process out of the token): the keeper cannot start again."""
         try:
             for task in (*self._tasks, *self._installing):
                 task.cancel()
@@ -168,8 +169,12 @@ class BrokerKeeper:
             if self._transport is not None:
                 await self._transport.stop()
         finally:
-            if self._broker is not None:
-                await self._broker.stop()
+            try:
+                if self._broker is not None:
+                    await self._broker.stop()
+            finally:
+                # the source gateway is never started, so its own stop() never closes them
+                self._source._keys.close()
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.start()

@@ -427,6 +427,30 @@ def test_run_on_an_address_not_of_this_machine_says_it_cannot_listen(home: Path)
     assert "cannot listen on 192.0.2.1" in said and "broker.enrollment_port" in said
 
 
+def token_settings(tmp_path: Path) -> str:
+    """[ca] naming a token: only the module file's existence is checked until it is opened."""
+    module = tmp_path / "libtoken.so"
+    module.write_bytes(b"\x7fELF")
+    return (
+        f'[ca]\nkey_store = "pkcs11"\npkcs11_module = "{module}"\n'
+        'pkcs11_token_label = "fleetgate"\n'
+    )
+
+
+def test_broker_without_the_token_pin_says_so(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("FLEETGATE_PKCS11_PIN", raising=False)
+    config = home / "fleetgate.toml"
+    data = tomllib.loads(config.read_text())
+    data["ca"].update(tomllib.loads(token_settings(tmp_path))["ca"])
+    config.write_text(tomli_w.dumps(data))
+    result = runner.invoke(app, ["broker", "--home", str(home)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+    said = one_line(result.output)
+    assert "cannot open the gateway's keys: no PKCS#11 PIN" in said
+
+
 def test_a_start_that_times_out_says_so(capsys: pytest.CaptureFixture[str]) -> None:
     import asyncio
 

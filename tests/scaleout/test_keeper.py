@@ -5,8 +5,10 @@ in force."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
+from typing import cast
 
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -16,6 +18,7 @@ from gateway.cluster import load_shared_broker
 from gateway.cluster.keeper import BrokerKeeper
 from gateway.config import load_settings
 from gateway.home import init_home
+from gateway.keystore_pkcs11 import Pkcs11KeyStore
 from gateway.service import Gateway
 from pki.ca import create_issuing_ca, create_root_ca
 from pki.clock import SystemClock
@@ -86,3 +89,22 @@ async def test_a_crl_nobody_refreshed_is_re_signed_before_it_lapses(keeper: Brok
     assert await keeper.refresh_crl_if_due() is False  # valid for a day
     assert await keeper.refresh_crl_if_due(margin=timedelta(days=2)) is True
     assert installed.read_bytes() != before
+
+
+class RecordingToken:
+    """Stands in for a PKCS#11 session: counts how often it was closed."""
+
+    def __init__(self) -> None:
+        self.closed = 0
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+async def test_stopping_closes_the_keys_a_token_session_holds(keeper: BrokerKeeper) -> None:
+    # the keeper's gateway is never started, so only the keeper's stop() can log it out
+    token = RecordingToken()
+    source = keeper._source
+    source._keys = replace(source._keys, token=cast(Pkcs11KeyStore, token))
+    await keeper.stop()
+    assert token.closed == 1
