@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -28,6 +30,21 @@ class KeyStoreChoice(StrEnum):
 
     FILE = FILE_KEY_STORE
     PKCS11 = PKCS11_KEY_STORE
+
+
+@contextmanager
+def init_errors_reported(home: Path) -> Iterator[None]:
+    """Around ``init_home``: what stops it (an earlier CA, a bad setting in a fleetgate.toml
+    written beforehand, a token that will not open, an unwritable home) becomes a one-line
+    error, never a traceback. Shared by `init` and by `demo`, which initialises a new home."""
+    try:
+        yield
+    except (HomeExistsError, ConfigError) as exc:
+        fail(str(exc))
+    except KeyStoreError as exc:
+        fail(f"cannot make the CA keys: {exc}")
+    except OSError as exc:
+        fail(f"cannot write the gateway home {home}: {exc.strerror or exc}")
 
 
 def init_command(
@@ -101,7 +118,7 @@ def init_command(
                 f"${PASSPHRASE_ENV} is set and differs from {passphrase_file}: the gateway "
                 "would read the variable and fail to open these keys; unset it or make them equal"
             )
-    try:
+    with init_errors_reported(folder):
         result = init_home(
             folder,
             trust_domain=trust_domain,
@@ -114,12 +131,6 @@ def init_command(
             pkcs11_module=str(pkcs11_module.absolute()) if pkcs11_module is not None else None,
             pkcs11_token_label=pkcs11_token,
         )
-    except (HomeExistsError, ConfigError) as exc:
-        fail(str(exc))
-    except KeyStoreError as exc:
-        fail(f"cannot make the CA keys: {exc}")
-    except OSError as exc:
-        fail(f"cannot write the gateway home {folder}: {exc.strerror or exc}")
     console.print(f"[bold green]Initialised[/] gateway home [bold]{result.home}[/]")
     subject = result.root.subject.rfc4514_string()
     console.print(f"  root CA      {result.root_certificate}  ({subject})")

@@ -24,6 +24,7 @@ from gateway.cli.common import (
     resolve_home,
     settings_for,
 )
+from gateway.cli.init import init_errors_reported
 from gateway.collector import CollectorPolicy
 from gateway.config import (
     CONFIG_NAME,
@@ -34,7 +35,7 @@ from gateway.config import (
     load_settings,
     passphrase_from_environment,
 )
-from gateway.home import HomeExistsError, init_home, is_initialised
+from gateway.home import init_home, is_initialised
 from pki.errors import KeyStoreError
 
 if TYPE_CHECKING:
@@ -379,10 +380,8 @@ def demo_command(
         fail("--duration must be more than 0 seconds")
     folder = resolve_home(home)
     if not is_initialised(folder):
-        try:
+        with init_errors_reported(folder):
             init_home(folder, passphrase=passphrase_from_environment())
-        except HomeExistsError as exc:
-            fail(str(exc))
         if not as_json:
             console.print(f"initialised a new gateway home in {folder}")
     try:

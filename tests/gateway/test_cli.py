@@ -141,6 +141,11 @@ def test_init_force_replaces_the_ca_but_keeps_the_operators_settings(home: Path)
     load_keys(load_settings(home))  # the new keys open with the new generated passphrase
 
 
+def write_settings(home: Path, text: str) -> None:
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "fleetgate.toml").write_text(text)
+
+
 def test_init_with_an_unwritable_home_is_an_error_not_a_traceback(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
@@ -435,6 +440,34 @@ def token_settings(tmp_path: Path) -> str:
         f'[ca]\nkey_store = "pkcs11"\npkcs11_module = "{module}"\n'
         'pkcs11_token_label = "fleetgate"\n'
     )
+
+
+@pytest.mark.parametrize(
+    ("settings", "said"),
+    [
+        ("[certificates]\nlifetime_seconds = 5\n", "certificates.lifetime_seconds must lie"),
+        (None, "no PKCS#11 PIN"),
+    ],
+)
+def test_demo_on_a_home_with_only_settings_names_what_stops_init(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settings: str | None, said: str
+) -> None:
+    monkeypatch.delenv("FLEETGATE_PKCS11_PIN", raising=False)
+    folder = tmp_path / "gw"
+    write_settings(folder, settings if settings is not None else token_settings(tmp_path))
+    result = runner.invoke(app, ["demo", "--home", str(folder), "--devices", "1"])
+    assert result.exit_code == 1
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert said in one_line(result.output)
+    assert not (folder / "ca").exists()  # refused before anything was written
+
+
+def test_demo_on_an_unwritable_home_says_so(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = runner.invoke(app, ["demo", "--home", str(blocker / "gw"), "--devices", "1"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+    assert "cannot write the gateway home" in one_line(result.output)
 
 
 def test_broker_without_the_token_pin_says_so(
