@@ -29,6 +29,7 @@ from pki.keys import KeyType
 from pki.profile import IDENTITY_NAME_PATTERN, MIN_LEAF_LIFETIME, check_trust_domain
 
 CONFIG_NAME = "fleetgate.toml"
+DEFAULT_TRUST_DOMAIN = "fleetgate.local"
 HOME_ENV = "FLEETGATE_HOME"
 PASSPHRASE_ENV = "FLEETGATE_PASSPHRASE"
 DATABASE_ENV = "FLEETGATE_DATABASE_URL"
@@ -236,7 +237,7 @@ class PolicySettings:
 @dataclass(frozen=True)
 class Settings:
     home: Path
-    trust_domain: str = "fleetgate.local"
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
     database_url: str = ""
     passphrase_file: str = "secrets/passphrase"
     audit_checkpoint_every: int = 100

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.serialization import (
 
 from gateway.config import (
     CONFIG_NAME,
+    DEFAULT_TRUST_DOMAIN,
     PKCS11_PIN_ENV,
     CaSettings,
     ConfigError,
@@ -64,6 +65,7 @@ class InitResult:
     root: x509.Certificate
     issuing: x509.Certificate
     token_label: str | None = None  # set when the issuing key was made in a PKCS#11 token
+    config_written: bool = True  # False: an existing fleetgate.toml was kept as it was
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -78,10 +80,13 @@ def pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(Encoding.PEM)
 
 
-def _leftovers(home: Path) -> list[Path]:
-    """Files a new CA would overwrite: the certificates, keys and generated passphrase."""
+def _leftovers(home: Path, generating_passphrase: bool) -> list[Path]:
+    """Files a new CA would overwrite: the certificates, the keys, and the generated passphrase
+    when a new one would be generated (a passphrase given in a file there is only read)."""
     ca_dir = home / "ca"
-    found = [ca_dir / "root.crt", ca_dir / "issuing.crt", home / "secrets" / "passphrase"]
+    found = [ca_dir / "root.crt", ca_dir / "issuing.crt"]
+    if generating_passphrase:
+        found.append(home / "secrets" / "passphrase")
     found += [ca_dir / f"{name}.key" for name in (ROOT_KEY, ISSUING_KEY, AUDIT_KEY)]
     return [path for path in found if path.exists()]
 
@@ -89,8 +94,8 @@ def _leftovers(home: Path) -> list[Path]:
 def init_home(
     home: Path,
     *,
-    trust_domain: str = "fleetgate.local",
-    key_type: KeyType = KeyType.P256,
+    trust_domain: str | None = None,
+    key_type: KeyType | None = None,
     passphrase: bytes | None = None,
     passphrase_file: Path | None = None,
     force: bool = False,
@@ -108,6 +113,10 @@ def init_home(
     unless the home is free of an earlier CA's files (or ``force``): a half-made home must
     not lose the passphrase that opens the keys still in it.
 
+    An existing fleetgate.toml is kept (``force`` included): ``trust_domain`` and ``key_type``
+    left out come from it (else fleetgate.local and P-256), and given ones that disagree with
+    it are a ConfigError before anything is written.
+
     ``key_store = "pkcs11"`` makes the issuing key in the token ``pkcs11_token_label`` of
     ``pkcs11_module``, logged in with ``pin`` (default $FLEETGATE_PKCS11_PIN); the root and
     audit keys stay encrypted files. Left out, these come from an existing fleetgate.toml,
@@ -115,7 +124,7 @@ def init_home(
     clock = clock or SystemClock()
     ca_dir = home / "ca"
     root_path = ca_dir / "root.crt"
-    if not force and (found := _leftovers(home)):
+    if not force and (found := _leftovers(home, generating_passphrase=passphrase is None)):
         if root_path in found:
             raise HomeExistsError(
                 f"{root_path} exists: this home already has a CA (use --force to replace it; "
@@ -126,10 +135,11 @@ def init_home(
             "--force to replace it)"
         )
     config = home / CONFIG_NAME
-    existing = load_settings(home).ca if config.exists() else None
+    kept = load_settings(home) if config.exists() else None
+    trust_domain, key_type = _chosen_identity(config, kept, trust_domain, key_type)
     ca_settings = _chosen_key_store(
         config,
-        existing,
+        kept.ca if kept is not None else None,
         key_type,
         {
             "key_store": key_store,
@@ -147,6 +157,29 @@ def init_home(
     finally:
         if token is not None:
             token.close()
+
+
+def _chosen_identity(
+    config: Path, kept: Settings | None, trust_domain: str | None, key_type: KeyType | None
+) -> tuple[str, KeyType]:
+    """The trust domain and key type of the new CA: the options, else those of an existing
+    fleetgate.toml. That file is kept and the gateway reads it: it issues identities in its
+    trust_domain whatever the CA is named for, and its ca.key_type is the record of the keys'
+    type, so an option that disagrees with it is refused rather than silently ignored."""
+    if kept is None:
+        return trust_domain or DEFAULT_TRUST_DOMAIN, key_type or KeyType.P256
+    asked = (
+        ("trust_domain", "--trust-domain", trust_domain, kept.trust_domain),
+        ("ca.key_type", "--key-type", key_type.value if key_type else None, kept.ca.key_type.value),
+    )
+    for name, option, given, recorded in asked:
+        if given is not None and given != recorded:
+            raise ConfigError(
+                f"{config} has {name} = {recorded!r}, not {given!r} ({option}): init keeps "
+                f"that file and the gateway reads it, so edit {name} there to match (or leave "
+                f"{option} out)"
+            )
+    return kept.trust_domain, kept.ca.key_type
 
 
 def _chosen_key_store(
@@ -255,7 +288,8 @@ def _create(
     # An existing fleetgate.toml is the operator's (ports, policy, database): kept, even on
     # --force, which replaces the CA only.
     notes: list[str] = []
-    if not config.exists():
+    config_written = not config.exists()
+    if config_written:
         config.write_text(
             render_default_config(
                 trust_domain, key_type, _recorded(home, passphrase_file), ca_settings
@@ -279,6 +313,7 @@ def _create(
         root=root.certificate,
         issuing=issuing.certificate,
         token_label=ca_settings.pkcs11_token_label if token is not None else None,
+        config_written=config_written,
     )
 
 

@@ -12,6 +12,7 @@ import typer
 
 from gateway.cli.common import HomeOption, console, fail, resolve_home
 from gateway.config import (
+    DEFAULT_TRUST_DOMAIN,
     FILE_KEY_STORE,
     PASSPHRASE_ENV,
     PKCS11_KEY_STORE,
@@ -50,13 +51,25 @@ def init_errors_reported(home: Path) -> Iterator[None]:
 def init_command(
     home: HomeOption = None,
     trust_domain: Annotated[
-        str, typer.Option(help="SPIFFE trust domain of the identities this gateway issues.")
-    ] = "fleetgate.local",
-    key_type: Annotated[KeyType, typer.Option(help="Key type of the CA keys.")] = KeyType.P256,
+        str | None,
+        typer.Option(
+            help="SPIFFE trust domain of the identities this gateway issues. Default: what an "
+            f"existing fleetgate.toml says, else {DEFAULT_TRUST_DOMAIN}.",
+            show_default=False,
+        ),
+    ] = None,
+    key_type: Annotated[
+        KeyType | None,
+        typer.Option(
+            help="Key type of the CA keys. Default: ca.key_type in an existing fleetgate.toml, "
+            f"else {KeyType.P256.value}.",
+            show_default=False,
+        ),
+    ] = None,
     passphrase_file: Annotated[
         Path | None,
         typer.Option(
-            help="File holding the passphrase that encrypts the CA keys (recorded in "
+            help="File holding the passphrase that encrypts the CA keys (recorded in a new "
             f"fleetgate.toml). Default: ${PASSPHRASE_ENV} if set, else one is generated."
         ),
     ] = None,
@@ -94,10 +107,11 @@ def init_command(
 ) -> None:
     """Create the root and issuing CA, encrypted keys and fleetgate.toml."""
     folder = resolve_home(home)
-    try:
-        _check_trust_domain(trust_domain)
-    except ConfigError as exc:
-        fail(str(exc))
+    if trust_domain is not None:
+        try:
+            _check_trust_domain(trust_domain)
+        except ConfigError as exc:
+            fail(str(exc))
     if key_store is KeyStoreChoice.PKCS11 and (pkcs11_module is None or pkcs11_token is None):
         fail("--key-store pkcs11 needs --pkcs11-module and --pkcs11-token")
     if key_store is not KeyStoreChoice.PKCS11 and (
@@ -146,13 +160,16 @@ def init_command(
         console.print(f"  PIN          ${PKCS11_PIN_ENV}: set it whenever the gateway runs")
     else:
         console.print(f"  keys         {result.home / 'ca'}/*.key (encrypted, mode 0600)")
-    console.print(f"  settings     {result.config}")
+    kept = "" if result.config_written else " (kept as it was)"
+    console.print(f"  settings     {result.config}{kept}")
     if result.passphrase_file is not None:
         console.print(
             f"  passphrase   generated into {result.passphrase_file} (mode 0600): keep it safe"
         )
     elif passphrase_file is not None:
-        console.print(f"  passphrase   read from {passphrase_file} (recorded in {result.config})")
+        # a kept fleetgate.toml is not changed: a note below says when it names another file
+        recorded = f" (recorded in {result.config})" if result.config_written else ""
+        console.print(f"  passphrase   read from {passphrase_file}{recorded}")
     else:
         console.print(f"  passphrase   ${PASSPHRASE_ENV}: set it whenever the gateway runs")
     for note in result.notes:

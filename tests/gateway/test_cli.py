@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from typer.testing import CliRunner
 
 from gateway.cli import app
@@ -37,6 +38,11 @@ def home(tmp_path: Path) -> Path:
     code, output = fleetgate("init", "--home", str(folder), "--trust-domain", "plant-7.example")
     assert code == 0, output
     return folder
+
+
+def curve_of(certificate: x509.Certificate) -> str | None:
+    key = certificate.public_key()
+    return key.curve.name if isinstance(key, ec.EllipticCurvePublicKey) else None
 
 
 def mode(path: Path) -> int:
@@ -82,7 +88,7 @@ def test_init_with_a_passphrase_file_and_p384(tmp_path: Path) -> None:
     assert code == 0, output
     assert not (folder / "secrets" / "passphrase").exists()
     root = x509.load_pem_x509_certificate((folder / "ca" / "root.crt").read_bytes())
-    assert root.public_key().curve.name == "secp384r1"
+    assert curve_of(root) == "secp384r1"
     # The gateway finds the file again from fleetgate.toml alone: no option, no variable.
     keys = load_keys(load_settings(folder))
     assert keys.issuing.certificate.issuer == root.subject
@@ -144,6 +150,78 @@ def test_init_force_replaces_the_ca_but_keeps_the_operators_settings(home: Path)
 def write_settings(home: Path, text: str) -> None:
     home.mkdir(parents=True, exist_ok=True)
     (home / "fleetgate.toml").write_text(text)
+
+
+def root_of(home: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate((home / "ca" / "root.crt").read_bytes())
+
+
+def test_init_force_refuses_options_the_kept_settings_contradict(home: Path) -> None:
+    # fleetgate.toml is kept on --force and the gateway issues in its trust domain: a CA made
+    # for another domain or key type would not be what the operator asked for
+    before = {path.name: path.read_bytes() for path in (home / "ca").iterdir()}
+    for option, value, key in (
+        ("--trust-domain", "beta.example", "trust_domain"),
+        ("--key-type", "p384", "ca.key_type"),
+    ):
+        code, output = fleetgate("init", "--home", str(home), "--force", option, value)
+        assert code == 1, output
+        said = one_line(output)
+        assert f"has {key} = " in said and f"not '{value}'" in said and option in said
+        assert "Traceback" not in output
+    assert {path.name: path.read_bytes() for path in (home / "ca").iterdir()} == before
+    code, output = fleetgate(
+        "init", "--home", str(home), "--force", "--trust-domain", "plant-7.example",
+        "--key-type", "p256",
+    )  # fmt: skip
+    assert code == 0, output  # the options the file agrees with
+    assert "kept as it was" in output
+
+
+def test_init_takes_the_trust_domain_and_key_type_of_a_file_written_before(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "gw"
+    write_settings(folder, 'trust_domain = "alpha.example"\n[ca]\nkey_type = "p384"\n')
+    code, output = fleetgate("init", "--home", str(folder))
+    assert code == 0, output
+    root = root_of(folder)
+    assert "alpha.example" in root.subject.rfc4514_string()
+    assert curve_of(root) == "secp384r1"
+    code, output = fleetgate("init", "--home", str(folder), "--force")
+    assert code == 0, output
+    assert "alpha.example" in root_of(folder).subject.rfc4514_string()
+
+
+def test_init_reads_a_passphrase_file_at_the_generated_passphrase_path(tmp_path: Path) -> None:
+    folder = tmp_path / "gw"
+    secret = folder / "secrets" / "passphrase"
+    secret.parent.mkdir(parents=True)
+    secret.write_text("chosen by the operator\n")
+    code, output = fleetgate("init", "--home", str(folder), "--passphrase-file", str(secret))
+    assert code == 0, output  # given, not generated: nothing of an earlier CA to lose
+    assert secret.read_text() == "chosen by the operator\n"
+    assert "recorded in" in one_line(output)
+    load_keys(load_settings(folder))
+    # Without the option the passphrase would be generated over it: refused.
+    (folder / "ca").rename(tmp_path / "old-ca")
+    code, output = fleetgate("init", "--home", str(folder))
+    assert code == 1 and "part of an earlier CA" in output
+    assert secret.read_text() == "chosen by the operator\n"
+
+
+def test_init_says_recorded_only_when_it_wrote_the_settings(home: Path, tmp_path: Path) -> None:
+    config = home / "fleetgate.toml"
+    before = config.read_text()
+    secret = tmp_path / "pass"
+    secret.write_text("another passphrase\n")
+    code, output = fleetgate(
+        "init", "--home", str(home), "--force", "--passphrase-file", str(secret)
+    )
+    assert code == 0, output
+    said = one_line(output)
+    assert "recorded in" not in said and config.read_text() == before
+    assert "keeps passphrase_file" in said  # and it says what to change
 
 
 def test_init_with_an_unwritable_home_is_an_error_not_a_traceback(tmp_path: Path) -> None:
