@@ -330,37 +330,67 @@ class MetricsWriter:
     """Writes ``collect()`` to ``path`` on each ``write()``; ``close()`` writes a last time
     with ``fleetgate_up 0`` and ignores later writes (a periodic write still running in a
     thread must not bring ``up 1`` back). Never raises: a full disk is logged, once until it
-    clears, and the gateway goes on."""
+    clears, and the gateway goes on.
 
-    def __init__(self, path: Path, collect: Callable[[], MetricsSnapshot]) -> None:
+    ``close()`` touches only a file this writer wrote: a gateway that failed to start (its
+    ports taken by one running on the same home) must not tell the running one's readers that
+    it stopped. ``remove_at_close``: ``close()`` deletes the file instead, for a writer whose
+    file name is this process's alone (a cluster node named after its pid): no one would ever
+    write that file again, and node_exporter would export its ``up 0`` for ever."""
+
+    def __init__(
+        self,
+        path: Path,
+        collect: Callable[[], MetricsSnapshot],
+        *,
+        remove_at_close: bool = False,
+    ) -> None:
         self.path = path
         self._collect = collect
+        self._remove_at_close = remove_at_close
         self._lock = threading.Lock()
         self._closed = False
         self._failing = False
+        self._wrote = False  # whether the file at ``path`` is this writer's
+
+    @property
+    def wrote(self) -> bool:
+        return self._wrote
 
     def write(self) -> bool:
-        return self._write(up=True)
+        with self._lock:
+            return False if self._closed else self._write_locked(up=True)
 
     def close(self) -> bool:
-        return self._write(up=False)
-
-    def _write(self, *, up: bool) -> bool:
+        """The last word: True when the file was written (``up 0``) or removed."""
         with self._lock:
             if self._closed:
                 return False
-            self._closed = not up
-            try:
-                snapshot = self._collect()
-                if not up:
-                    snapshot = MetricsSnapshot(snapshot.node, snapshot.at, snapshot.sections, False)
-                write_atomically(self.path, render(snapshot))
-            except Exception as exc:
-                if not self._failing:
-                    log.warning("could not write the metrics file %s: %s", self.path, exc)
-                self._failing = True
+            self._closed = True
+            if not self._wrote:
                 return False
-            if self._failing:
-                log.info("metrics file %s written again", self.path)
-            self._failing = False
+            if not self._remove_at_close:
+                return self._write_locked(up=False)
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("could not remove the metrics file %s: %s", self.path, exc)
+                return False
             return True
+
+    def _write_locked(self, *, up: bool) -> bool:
+        try:
+            snapshot = self._collect()
+            if not up:
+                snapshot = MetricsSnapshot(snapshot.node, snapshot.at, snapshot.sections, False)
+            write_atomically(self.path, render(snapshot))
+        except Exception as exc:
+            if not self._failing:
+                log.warning("could not write the metrics file %s: %s", self.path, exc)
+            self._failing = True
+            return False
+        if self._failing:
+            log.info("metrics file %s written again", self.path)
+        self._failing = False
+        self._wrote = True
+        return True

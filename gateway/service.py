@@ -263,67 +263,73 @@ class Gateway:
         self.clock = clock or SystemClock()
         self.store: Store = store if store is not None else SqlStore(settings.database)
         keys = load_keys(settings)
-        self._keys = keys  # closed last at stop(): a token session
-        self.root_certificate = keys.root_certificate
-        self.issuing = keys.issuing
-        self.issuer = Issuer(keys.issuing, self.clock)
-        self.audit = AuditWriter(
-            self.store,
-            keys.keystore.load(AUDIT_KEY),
-            self.clock,
-            every=settings.audit_checkpoint_every,
-        )
-        self._trusted_roots = load_manufacturer_roots(settings)
-        self.policy = policy_from_settings(settings, self._trusted_roots)
-        # One device may not flood the core; the total stays above what two cores can serve
-        # (~2,000 requests/s measured), so it bounds queues without capping a real fleet.
-        limits = RateLimits(total_rate=3000.0, total_burst=6000)
-        # Extensions (the admin API, behaviour metrics) add MQTT routes and event listeners
-        # here before start().
-        self.routes: list[Route] = []
-        self.listeners: list[EventListener] = []
-        self.watch = BehaviourWatch(self, settings.anomaly, leading=lambda: self._leads)
-        watching = self.watch.enabled
-        self.enrollment = EnrollmentService(
-            self.store,
-            self.issuer,
-            self.policy,
-            self.clock,
-            rate_limiter=RateLimiter(limits, self.clock),
-            observer=self.watch.observe if watching else None,
-            lifetime_cap=self.watch.lifetime_cap if watching else None,
-        )
-        self.states = IdentityStates(self.store)
-        self.acl = TopicAcl(self.states)
-        self._internal_password = secrets.token_urlsafe(24)
-        self.broker_kind = broker_kind or settings.broker.kind
-        if cluster is not None and self.broker_kind != "mosquitto":
-            raise ClusterError(
-                ClusterReason.NEEDS_MOSQUITTO,
-                "several gateways share one Mosquitto (--broker mosquitto)",
+        try:
+            self._keys = keys  # closed last at stop(): a token session
+            self.root_certificate = keys.root_certificate
+            self.issuing = keys.issuing
+            self.issuer = Issuer(keys.issuing, self.clock)
+            self.audit = AuditWriter(
+                self.store,
+                keys.keystore.load(AUDIT_KEY),
+                self.clock,
+                every=settings.audit_checkpoint_every,
             )
-        self.cluster = cluster
-        self.broker: BrokerControl | None = None
-        self._served_tls: TlsMaterial | None = None  # what this gateway's own broker serves
-        self.transport: MqttTransport | None = None
-        self.metrics: Counter[str] = Counter()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._background: set[asyncio.Future[None]] = set()
-        self._audit_seq = 0
-        # changes the audit poll found but could not enforce (the broker failed): tried again
-        # at the next poll, since the reload that found them will not report them again
-        self._unenforced: dict[str, tuple[IdentityKind, IdentityState]] = {}
-        self._trust_stamp: tuple[int, int] = (0, 0)
-        self._refusals: dict[str, RefusalRecord] = {}
-        self._seen: dict[str, datetime] = {}  # device -> when it last connected, unwritten
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.admin = attach_admin(self)
-        # The counters an operator reads (`fleetgate metrics`, node_exporter's textfile
-        # collector). Gateways of a cluster may share a home: a file each.
-        self.metrics_file = MetricsWriter(
-            metrics_path(settings.home, cluster.node if cluster is not None else None),
-            self.admin.snapshot,
-        )
+            self._trusted_roots = load_manufacturer_roots(settings)
+            self.policy = policy_from_settings(settings, self._trusted_roots)
+            # One device may not flood the core; the total stays above what two cores can serve
+            # (~2,000 requests/s measured), so it bounds queues without capping a real fleet.
+            limits = RateLimits(total_rate=3000.0, total_burst=6000)
+            # Extensions (the admin API, behaviour metrics) add MQTT routes and event listeners
+            # here before start().
+            self.routes: list[Route] = []
+            self.listeners: list[EventListener] = []
+            self.watch = BehaviourWatch(self, settings.anomaly, leading=lambda: self._leads)
+            watching = self.watch.enabled
+            self.enrollment = EnrollmentService(
+                self.store,
+                self.issuer,
+                self.policy,
+                self.clock,
+                rate_limiter=RateLimiter(limits, self.clock),
+                observer=self.watch.observe if watching else None,
+                lifetime_cap=self.watch.lifetime_cap if watching else None,
+            )
+            self.states = IdentityStates(self.store)
+            self.acl = TopicAcl(self.states)
+            self._internal_password = secrets.token_urlsafe(24)
+            self.broker_kind = broker_kind or settings.broker.kind
+            if cluster is not None and self.broker_kind != "mosquitto":
+                raise ClusterError(
+                    ClusterReason.NEEDS_MOSQUITTO,
+                    "several gateways share one Mosquitto (--broker mosquitto)",
+                )
+            self.cluster = cluster
+            self.broker: BrokerControl | None = None
+            self._served_tls: TlsMaterial | None = None  # what this gateway's own broker serves
+            self.transport: MqttTransport | None = None
+            self.metrics: Counter[str] = Counter()
+            self._tasks: list[asyncio.Task[None]] = []
+            self._background: set[asyncio.Future[None]] = set()
+            self._audit_seq = 0
+            # changes the audit poll found but could not enforce (the broker failed): tried again
+            # at the next poll, since the reload that found them will not report them again
+            self._unenforced: dict[str, tuple[IdentityKind, IdentityState]] = {}
+            self._trust_stamp: tuple[int, int] = (0, 0)
+            self._refusals: dict[str, RefusalRecord] = {}
+            self._seen: dict[str, datetime] = {}  # device -> when it last connected, unwritten
+            self._loop: asyncio.AbstractEventLoop | None = None
+            self.admin = attach_admin(self)
+            # The counters an operator reads (`fleetgate metrics`, node_exporter's textfile
+            # collector). Gateways of a cluster may share a home: a file each.
+            self.metrics_file = MetricsWriter(
+                metrics_path(settings.home, cluster.node if cluster is not None else None),
+                self.admin.snapshot,
+                # host-pid: the next start writes another file, so this one goes at a clean stop
+                remove_at_close=cluster is not None and not cluster.node_given,
+            )
+        except BaseException:
+            keys.close()  # a PKCS#11 token session: not left open by a gateway never run
+            raise
 
     # -- certificates the broker needs -------------------------------------------------------
 
@@ -895,24 +901,36 @@ class Gateway:
                 log.exception("periodic job %s failed", getattr(job, "__name__", job))
 
     async def stop(self) -> None:
-        if self.cluster is not None:
-            await self.cluster.stop()  # hand the lead over at once
-        for task in (*self._tasks, *self._background):
-            task.cancel()
-        await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
-        if self.transport is not None:
-            await self.transport.stop()
-        if self.broker is not None:
-            await self.broker.stop()
+        """Stop everything start() started, each part even when one before it failed (the
+        first failure is raised once all ran); also after a start() that failed half-way."""
         try:
-            self._flush_refusals()
-            self._flush_seen()
-            self.audit.checkpoint()
-        except Exception:
-            log.exception("could not write the final refusals and audit checkpoint")
-        self.metrics_file.close()  # the last counts, with fleetgate_up 0; never raises
-        # Last: closing a PKCS#11 token session logs this process out of the token.
-        self._keys.close()
+            try:
+                if self.cluster is not None:
+                    await self.cluster.stop()  # hand the lead over at once
+            finally:
+                for task in (*self._tasks, *self._background):
+                    task.cancel()
+                await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
+                try:
+                    if self.transport is not None:
+                        await self.transport.stop()
+                finally:
+                    if self.broker is not None:
+                        await self.broker.stop()
+        finally:
+            try:
+                self._flush_refusals()
+                self._flush_seen()
+                self.audit.checkpoint()
+            except Exception:
+                log.exception("could not write the final refusals and audit checkpoint")
+            try:
+                # the last counts, with fleetgate_up 0, if this gateway wrote the file (one
+                # whose start failed leaves the running gateway's alone); never raises
+                self.metrics_file.close()
+            finally:
+                # Last: closing a PKCS#11 token session logs this process out of the token.
+                self._keys.close()
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.start()

@@ -64,6 +64,9 @@ class ClusterMember:
         if not enforce_timeout > 0:
             raise ValueError("enforce_timeout must be positive")
         self.node = name
+        # a name of its own (--node) is the same at every start; a generated one (host-pid) is
+        # new at each, and what is kept under it (its metrics file) is no one's after a stop
+        self.node_given = node is not None
         self._lock = lock if lock is not None else PostgresLeaderLock(settings.database)
         self.shared = shared if shared is not None else load_shared_broker(settings.home)
         self._interval = interval

@@ -316,3 +316,28 @@ def test_a_collect_that_fails_is_a_failed_write_not_an_exception(tmp_path: Path)
 
     assert MetricsWriter(tmp_path / "metrics.prom", broken).write() is False
     assert not (tmp_path / "metrics.prom").exists()
+
+
+def test_close_leaves_a_file_it_never_wrote_alone(tmp_path: Path) -> None:
+    """A gateway that failed to start (its ports taken by one running on the same home) must
+    not tell the running one's readers that it stopped."""
+    path = tmp_path / "metrics.prom"
+    write_atomically(path, render(snapshot(node="running", enrollment={"issued": 9})))
+    before = path.read_text()
+    writer = MetricsWriter(path, lambda: snapshot(node="failed"))
+    assert writer.close() is False
+    assert path.read_text() == before
+    assert writer.write() is False  # closed all the same
+
+
+def test_a_writer_removing_at_close_takes_only_its_own_file_away(tmp_path: Path) -> None:
+    path = tmp_path / "metrics-host-4242.prom"
+    writer = MetricsWriter(path, lambda: snapshot(), remove_at_close=True)
+    assert writer.write() is True and path.exists()
+    assert writer.close() is True
+    assert not path.exists()
+    assert writer.write() is False and not path.exists()
+    # never written: not its file, left where it is
+    path.write_text("someone else's\n")
+    assert MetricsWriter(path, lambda: snapshot(), remove_at_close=True).close() is False
+    assert path.read_text() == "someone else's\n"
