@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -56,12 +57,13 @@ def metrics_command(
     try:
         snapshot = read_metrics(path)
     except MetricsFileError as exc:
+        # escaped: a path or a file's line may hold what rich would take for markup
         if exc.reason is MetricsFileReason.MISSING:
             fail(
-                f"no metrics file at {path}: is the gateway running? "
+                f"no metrics file at {escape(str(path))}: is the gateway running? "
                 f"(a running gateway writes one every {EXPORT_SECONDS:.0f} s)"
             )
-        fail(f"cannot read the metrics file: {exc.detail}")
+        fail(f"cannot read the metrics file: {escape(exc.detail)}")
     age = max(0.0, time.time() - snapshot.at.timestamp())
     if as_json:
         print_json(_as_json(snapshot, path, age))
@@ -71,10 +73,11 @@ def metrics_command(
 
 def _metrics_file(home: Path, node: str | None) -> Path:
     """The file to read: ``--node``'s; else the home's single gateway's; else, when only one
-    gateway of a cluster writes here, its file."""
+    gateway of a cluster writes here, or only one of those that wrote here still runs, its
+    file (a gateway that stopped cleanly says so in its file; one killed stops writing)."""
     if node is not None:
         if _NODE_NAME.fullmatch(node) is None:
-            fail(f"--node {node!r}: letters, digits, '_', '.', '-' (max 63)", code=2)
+            fail(escape(f"--node {node!r}: letters, digits, '_', '.', '-' (max 63)"), code=2)
         return metrics_path(home, node)
     single = metrics_path(home)
     if single.exists():
@@ -82,9 +85,26 @@ def _metrics_file(home: Path, node: str | None) -> Path:
     nodes = sorted(p.name[len("metrics-") : -len(".prom")] for p in home.glob("metrics-*.prom"))
     if len(nodes) == 1:
         return metrics_path(home, nodes[0])
+    running = [n for n in nodes if _running(metrics_path(home, n))]
+    if len(running) == 1:
+        return metrics_path(home, running[0])
     if nodes:
-        fail(f"several gateways write here; pass --node with one of: {', '.join(nodes)}", code=2)
+        among = ", ".join(running or nodes)
+        none_runs = "" if running else " (none of them runs)"
+        fail(escape(f"several gateways write here{none_runs}; pass --node with one of: {among}"),
+             code=2)
     return single
+
+
+def _running(path: Path) -> bool:
+    """Whether the gateway writing ``path`` still runs, as far as its file tells: it says up
+    and was rewritten lately. A file that cannot be read may be anyone's: counted as running,
+    so that it is offered rather than passed over; one gone meanwhile is no gateway's."""
+    try:
+        snapshot = read_metrics(path)
+    except MetricsFileError as exc:
+        return exc.reason is not MetricsFileReason.MISSING
+    return snapshot.up and not _stale(snapshot, time.time() - snapshot.at.timestamp())
 
 
 def _stale(snapshot: MetricsSnapshot, age: float) -> bool:

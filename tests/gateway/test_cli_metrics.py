@@ -131,3 +131,41 @@ def test_cluster_members_sharing_a_home_are_told_apart_by_node(tmp_path: Path) -
 def test_a_node_name_that_is_no_node_name_is_refused(tmp_path: Path, node: str) -> None:
     code, output = fleetgate("--home", str(tmp_path), "--node", node)
     assert code == 2 and "--node" in output
+
+
+def test_the_one_cluster_member_still_running_is_chosen_without_asking(tmp_path: Path) -> None:
+    """Files of members that stopped (up 0) or were killed (not rewritten for minutes) stay
+    behind; the one running is the one an operator means."""
+    write(tmp_path, node="gw-old", cluster=True, up=False, age=timedelta(days=2))
+    write(tmp_path, node="gw-killed", cluster=True, age=timedelta(hours=1))
+    write(tmp_path, node="gw-now", cluster=True, enrollment={"issued": 7})
+    code, output = fleetgate("--home", str(tmp_path), "--json")
+    assert code == 0, output
+    assert json.loads(output)["node"] == "gw-now"
+    # two running: which one is the operator's to say
+    write(tmp_path, node="gw-also", cluster=True)
+    code, output = fleetgate("--home", str(tmp_path))
+    assert code == 2 and "gw-also, gw-now" in output.replace("\n", " ")
+    assert "gw-old" not in output
+
+
+def test_none_running_lists_them_all(tmp_path: Path) -> None:
+    write(tmp_path, node="gw-1", cluster=True, up=False)
+    write(tmp_path, node="gw-2", cluster=True, up=False)
+    code, output = fleetgate("--home", str(tmp_path))
+    assert code == 2
+    assert "none of them runs" in output and "gw-1, gw-2" in output.replace("\n", " ")
+
+
+def test_a_damaged_line_with_brackets_is_shown_as_it_is(tmp_path: Path) -> None:
+    (tmp_path / "metrics.prom").write_text('fleetgate_up{node="gw-1"} 1\nrubbish [/] here\n')
+    code, output = fleetgate("--home", str(tmp_path))
+    assert code == 1, output
+    assert "line 2" in output and "rubbish [/] here" in output
+
+
+def test_a_home_with_brackets_in_its_path_is_named_right(tmp_path: Path) -> None:
+    home = tmp_path / "fleet[prod]" / "h"
+    code, output = fleetgate("--home", str(home))
+    assert code == 1
+    assert "fleet[prod]/h/metrics.prom" in output.replace("\n", "")
