@@ -19,11 +19,11 @@ from typing import Any
 
 from gateway.anomaly.settings import AnomalySettings, AnomalySettingsError
 from gateway.enrollment.policy import (
-    _SHA256_HEX,  # the digests the policy itself accepts
     MAX_CERT_LIFETIME,
     MAX_CLOCK_SKEW_RANGE,
     MAX_PENDING_RETRY_AFTER,
     NONCE_TTL_RANGE,
+    SHA256_HEX,  # the digests the policy itself accepts
 )
 from pki.keys import KeyType
 from pki.profile import IDENTITY_NAME_PATTERN, MIN_LEAF_LIFETIME, check_trust_domain
@@ -87,7 +87,7 @@ class CaSettings:
     root_lifetime_days: int = 3650
     issuing_lifetime_days: int = 180
     # The CRL's nextUpdate: a broker refuses every certificate once it has passed, so the
-    # gateway re-signs it well before (every quarter of this, at most hourly).
+    # gateway re-signs it well before (every quarter of this or every hour, whichever is sooner).
     crl_validity_hours: int = 24
     key_store: str = FILE_KEY_STORE
     # Read only with key_store = "pkcs11"; the user PIN is $FLEETGATE_PKCS11_PIN, never here.
@@ -338,7 +338,7 @@ def _policy(data: Mapping[str, Any]) -> PolicySettings:
         if not model:
             raise ConfigError("policy.firmware: a model name must not be empty")
         for digest in digests:
-            if _SHA256_HEX.fullmatch(digest) is None:
+            if SHA256_HEX.fullmatch(digest) is None:
                 raise ConfigError(
                     f"policy.firmware.{model}: {digest!r} is not a lower-case sha256 hex digest"
                 )
@@ -346,7 +346,7 @@ def _policy(data: Mapping[str, Any]) -> PolicySettings:
     if not isinstance(denied, list) or not all(isinstance(d, str) for d in denied):
         raise ConfigError("policy.denied_birth_fingerprints must be a list of strings")
     for fingerprint in denied:
-        if _SHA256_HEX.fullmatch(fingerprint.lower()) is None:
+        if SHA256_HEX.fullmatch(fingerprint.lower()) is None:
             raise ConfigError(
                 f"policy.denied_birth_fingerprints: {fingerprint!r} is not a sha256 hex digest"
             )

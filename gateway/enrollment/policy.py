@@ -13,7 +13,7 @@ from cryptography import x509
 
 from pki.profile import MIN_LEAF_LIFETIME, check_trust_domain
 
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 MAX_CERT_LIFETIME = timedelta(days=30)
 MAX_PENDING_RETRY_AFTER = 3600
 NONCE_TTL_RANGE = (timedelta(seconds=5), timedelta(hours=1))
@@ -51,7 +51,7 @@ def _frozen_allowlist(value: Mapping[str, frozenset[str]]) -> Mapping[str, froze
             raise TypeError(f"firmware_allowlist[{model!r}] must be a set of digests, not a str")
         frozen = frozenset(digests)
         for digest in frozen:
-            if not isinstance(digest, str) or _SHA256_HEX.fullmatch(digest) is None:
+            if not isinstance(digest, str) or SHA256_HEX.fullmatch(digest) is None:
                 raise ValueError(
                     f"firmware_allowlist[{model!r}]: {digest!r} is not a lower-case sha256 hex"
                 )
@@ -88,7 +88,7 @@ class EnrollmentPolicy:
             self, "denied_birth_fingerprints", frozenset(self.denied_birth_fingerprints)
         )
         for fingerprint in self.denied_birth_fingerprints:
-            if not isinstance(fingerprint, str) or _SHA256_HEX.fullmatch(fingerprint) is None:
+            if not isinstance(fingerprint, str) or SHA256_HEX.fullmatch(fingerprint) is None:
                 raise ValueError(f"{fingerprint!r} is not a lower-case sha256 hex fingerprint")
         object.__setattr__(self, "firmware_allowlist", _frozen_allowlist(self.firmware_allowlist))
         if not isinstance(self.auto_approve, tuple) or not all(
