@@ -54,8 +54,8 @@ SECTION_HELP = {
     "enrollment": "Enrollment core: requests.<type>, rejected.<reason>, issued, replayed, "
     "errors.internal ...",
     "gateway": "Gateway lifecycle: enforce.retry, clones, refusals.unrecordable ...",
-    "broker": "Embedded broker: refused.<reason>, denied.<action>, connected.<listener> ... "
-    "(none on Mosquitto)",
+    "broker": "Broker: refused.<reason> (on Mosquitto: its refused handshakes, and nothing "
+    "else), denied.<action>, connected.<listener> ...",
     "admin": "Admin API: requests, ok.<op>, rejected.<reason>, events.<what>",
 }
 PREFIX = "fleetgate"

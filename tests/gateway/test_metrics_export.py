@@ -30,6 +30,7 @@ from gateway.metrics_export import (
     render,
     write_atomically,
 )
+from gateway.mosquitto import HandshakeWatch, Listeners, MosquittoBroker
 
 AT = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -173,17 +174,46 @@ def test_counters_copied_while_another_thread_adds_to_them() -> None:
     assert sizes == sorted(sizes) and sizes[-1] > 0
 
 
-def test_a_gateway_on_mosquitto_has_an_empty_broker_section() -> None:
+def test_a_gateway_on_mosquitto_exports_the_handshakes_its_broker_refused(
+    tmp_path: Path,
+) -> None:
+    """Mosquitto's counters are the refused handshakes read from its log: they reach the
+    broker section, and the file, as the embedded broker's do."""
+    broker = MosquittoBroker(
+        tmp_path / "unused",
+        Listeners("127.0.0.1", 1883, 1884, 1885),
+        None,
+        None,
+        external=True,
+        admin_password="operator-secret-0123",
+    )
+    broker._handshakes = HandshakeWatch([1884])  # what start() sets up for its TLS listener
+    for line in (
+        "New connection from 127.0.0.3:54465 on port 1884.",
+        "OpenSSL Error[0]: error:0A000086:SSL routines::certificate verify failed",
+        "Client <unknown> disconnected: Protocol error.",
+    ):
+        broker._watch_handshake(line)
     gateway = SimpleNamespace(
         enrollment=SimpleNamespace(metrics=Counter({"rejected.nonce_unknown": 2})),
         metrics=Counter({"clones": 1}),
-        broker=object(),  # MosquittoBroker: no counters of its own
+        broker=broker,
     )
-    assert gateway_counts(gateway) == {  # type: ignore[arg-type]
+    counts = gateway_counts(gateway)  # type: ignore[arg-type]
+    assert counts == {
         "enrollment": {"rejected.nonce_unknown": 2},
         "gateway": {"clones": 1},
-        "broker": {},
+        "broker": {"refused.certificate_invalid": 1},
     }
+    exported = parse(render(MetricsSnapshot("gw-1", AT, counts)))
+    assert exported.section("broker") == {"refused.certificate_invalid": 1}
+
+
+def test_a_broker_control_without_counters_has_an_empty_broker_section() -> None:
+    """A cluster's shared Mosquitto is driven through a control that counts nothing."""
+    gateway = SimpleNamespace(enrollment=SimpleNamespace(metrics=None), metrics=Counter(),
+                              broker=object())  # fmt: skip
+    assert gateway_counts(gateway)["broker"] == {}  # type: ignore[arg-type]
 
 
 def test_a_cluster_member_writes_a_file_of_its_own(tmp_path: Path) -> None:
