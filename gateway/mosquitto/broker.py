@@ -443,6 +443,13 @@ class MosquittoBroker:
             "main": [],
             "enrollment": [],
         }
+        # by instance: held from writing its files to the confirmation of their reload, so a
+        # reload confirms the files its caller wrote (without it, renewing the certificate and
+        # publishing a CRL at once, the CRL could be confirmed by the renewal's earlier reload)
+        self._reload_locks: dict[str, asyncio.Lock] = {
+            "main": asyncio.Lock(),
+            "enrollment": asyncio.Lock(),
+        }
         self._tracker = SessionTracker()
         self._operators: set[str] = set()  # client ids of the operators' live sessions
         # Whether every session of the main instance was seen begin: a broker we start, read
@@ -595,17 +602,19 @@ class MosquittoBroker:
             raise
 
     async def stop(self) -> None:
-        cuts, self._cuts = self._cuts, set()
-        for cut in cuts:
-            cut.cancel()
-        await asyncio.gather(*cuts, return_exceptions=True)
-        self._clones.clear()
+        # The links first: a notice they handle while the cuts are awaited would start a new
+        # cut that nobody cancels.
         for link in (self._monitor, self._admin):
             task, link.task = link.task, None
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        cuts, self._cuts = self._cuts, set()
+        for cut in cuts:
+            cut.cancel()
+        await asyncio.gather(*cuts, return_exceptions=True)
+        self._clones.clear()
         await self._commit.close()
         self._fail_pending("the broker is stopping")
         # the enrollment instance first: its bridge would only retry against a stopped broker
@@ -699,9 +708,10 @@ class MosquittoBroker:
         if process is None or not process.running:
             raise MosquittoError(MosquittoReason.NOT_RUNNING, "mosquitto is not running")
         assert self._crl_path is not None
-        write_atomic(self._crl_path, crl_pem)
-        self._crl_pem = crl_pem
-        await self._reload(process, "main")
+        async with self._reload_locks["main"]:
+            write_atomic(self._crl_path, crl_pem)
+            self._crl_pem = crl_pem
+            await self._reload(process, "main")
         # Sessions of revoked identities are cut as they are seen (``_observe``); one whose
         # cut failed gets another now that the CRL keeps its reconnects out.
         for client_id, session in self._tracker.sessions().items():
@@ -724,11 +734,20 @@ class MosquittoBroker:
         main, enrollment = self._process, self._enrollment_process
         if main is None or enrollment is None or not (main.running and enrollment.running):
             raise MosquittoError(MosquittoReason.NOT_RUNNING, "mosquitto is not running")
-        # the key first: a certificate read with its old key would fail a restart meanwhile
-        write_atomic(self._run_dir / "server.key", tls.server_key_pem)
-        write_atomic(self._run_dir / "server.pem", tls.server_cert_pem)
-        self._tls = tls
-        await asyncio.gather(self._reload(main, "main"), self._reload(enrollment, "enrollment"))
+        async with self._reload_locks["main"], self._reload_locks["enrollment"]:  # this order
+            # the key first: a certificate read with its old key would fail a restart meanwhile
+            write_atomic(self._run_dir / "server.key", tls.server_key_pem)
+            write_atomic(self._run_dir / "server.pem", tls.server_cert_pem)
+            self._tls = tls
+            # both waited for (not the first failure alone): the locks cover both reloads
+            outcomes = await asyncio.gather(
+                self._reload(main, "main"),
+                self._reload(enrollment, "enrollment"),
+                return_exceptions=True,
+            )
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
         log.info("both instances serve the new server certificate")
 
     def connected(self) -> dict[str, Principal]:
@@ -1042,7 +1061,8 @@ class MosquittoBroker:
         config." message (the admin link reads the main instance's, the monitor link the
         enrollment instance's). The broker logs it and then reloads certificates and CRL in
         the same turn of its single-threaded loop, so any connection opened after the message
-        arrives is handled with the new files."""
+        arrives is handled with the new files. The caller holds ``_reload_locks[instance]``
+        since it wrote them: any notice that comes is then of this reload."""
         waiters = self._reload_waiters[instance]
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiters.append(waiter)

@@ -20,7 +20,7 @@ import ssl
 import statistics
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -992,6 +992,83 @@ async def test_identities_from_the_registry_are_enforced_from_the_first_connecti
             assert await watcher.next() == (topics.telemetry("dev-s2"), b"released")
     finally:
         await broker.stop()
+
+
+async def test_a_crl_and_a_certificate_renewed_at_once_are_each_confirmed_by_their_own_reload(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hourly renewal and a CRL publication can reload the main instance together: each
+    returns only once a reload begun after its own files were written is confirmed (else the
+    CRL could be confirmed by the renewal's reload while the old CRL is still loaded)."""
+    broker = await start_broker(pki, tmp_path / "run")
+    try:
+        main = broker.process
+        assert main is not None
+        signals: list[str] = []  # "sighup" sent to main, "notice" of a main reload received
+        send_sighup = main.reload
+
+        def reload() -> None:
+            signals.append("sighup")
+            send_sighup()
+
+        monkeypatch.setattr(main, "reload", reload)
+        reloaded = broker._reloaded
+
+        def notice(instance: str, line: bytes) -> None:
+            if instance == "main" and line.rstrip().endswith(b"Reloading config."):
+                signals.append("notice")
+            reloaded(instance, line)
+
+        monkeypatch.setattr(broker, "_reloaded", notice)
+        seen_at_return: dict[str, list[str]] = {}
+
+        async def recorded(name: str, call: Awaitable[None]) -> None:
+            await call
+            seen_at_return[name] = list(signals)
+
+        await asyncio.gather(
+            recorded("renewal", broker.renew_server_certificate(pki.server_tls())),
+            recorded("crl", broker.publish_crl(pki.crl())),
+        )
+        for name, seen in seen_at_return.items():
+            # every SIGHUP sent so far was confirmed by a notice after it
+            assert seen.count("notice") >= seen.count("sighup"), (name, seen)
+            assert seen[-1] == "notice", (name, seen)
+        assert signals == ["sighup", "notice", "sighup", "notice"]
+    finally:
+        await broker.stop()
+
+
+async def test_stop_leaves_no_cut_running_though_notices_arrive_meanwhile(
+    tmp_path: Path,
+) -> None:
+    """A notice the admin link handles while stop() awaits the cuts it cancelled starts a new
+    cut: stop() ends the links first, so none is left behind."""
+    with socket.socket() as closed:  # a port nothing listens on: each cut's kick fails fast
+        closed.bind(("127.0.0.1", 0))
+        nowhere = closed.getsockname()[1]
+    broker = MosquittoBroker(
+        tmp_path / "unused",
+        Listeners("127.0.0.1", nowhere, nowhere, nowhere),
+        None,
+        None,
+        external=True,
+        admin_password=ADMIN_PASSWORD,
+    )
+
+    async def link_reading_notices() -> None:
+        while True:  # each a revoked device's session seen
+            broker._cut("dev-r", "revoked")
+            await asyncio.sleep(0)
+
+    broker._admin.task = asyncio.create_task(link_reading_notices())
+    await asyncio.sleep(0.01)  # a few cuts under way, each waiting for the admin link
+    assert broker._cuts
+    await broker.stop()
+    left = [cut for cut in broker._cuts if not cut.done()]
+    for cut in left:
+        cut.cancel()
+    assert left == []
 
 
 async def test_an_external_broker_is_driven_through_its_admin_account(
