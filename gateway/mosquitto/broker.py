@@ -35,7 +35,8 @@ the changes that arrive meanwhile together in the next, quarantines, revocations
 order they were made. A refused command raises ``MosquittoError(COMMAND_FAILED)`` with the
 plugin's error text, in the caller whose change it was. The same connection reads the
 main instance's connection notices; a monitor connection reads the enrollment instance's. From
-them come ``connected()`` and the callbacks ``on_connect(principal, "host:port")`` and
+them come ``connected()`` and the callbacks ``on_connect(principal, "host:port")`` ("[host]:port"
+for an IPv6 peer, as the embedded broker writes one: ``handshakes.logged_peer``) and
 ``on_disconnect(principal)`` (approximate: notices sent while a connection was down are missed;
 a broker restart counts as every session ending). The ``observer`` (``gateway.observe``) hears
 the same as ``Connected(identity, "host:port")`` and ``Disconnected(identity)``, for
