@@ -930,7 +930,12 @@ class Gateway:
                 self.metrics_file.close()
             finally:
                 # Last: closing a PKCS#11 token session logs this process out of the token.
-                self._keys.close()
+                self.close_keys()
+
+    def close_keys(self) -> None:
+        """End the issuing key's PKCS#11 session (nothing for file keys). stop() does it last;
+        a gateway used only as a source of certificates and CRLs, never started, calls this."""
+        self._keys.close()
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.start()

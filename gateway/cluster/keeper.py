@@ -174,7 +174,7 @@ class BrokerKeeper:
                     await self._broker.stop()
             finally:
                 # the source gateway is never started, so its own stop() never closes them
-                self._source._keys.close()
+                self._source.close_keys()
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.start()
