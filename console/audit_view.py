@@ -4,7 +4,6 @@ the gateway's verdict on whether the chain verifies."""
 from __future__ import annotations
 
 import html
-
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
