@@ -7,21 +7,19 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import tomllib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
 import pytest
-import tomli_w
+from gateway_support import home_on_free_ports
 from typer.testing import CliRunner
 
 from gateway.admin import AdminClient, load_profile
 from gateway.cli import app, operator
-from gateway.config import CONFIG_NAME, load_settings
+from gateway.config import load_settings
 from gateway.enrollment.testing import hello_for
-from gateway.home import init_home
 from gateway.metrics_export import metrics_path
 from gateway.protocol import encode, topics
 from gateway.service import Gateway
@@ -36,14 +34,7 @@ PASSPHRASE = b"operator profile passphrase"
 
 @pytest.fixture
 async def gateway(tmp_path: Path) -> AsyncIterator[Gateway]:
-    home = tmp_path / "home"
-    init_home(home)
-    path = home / CONFIG_NAME
-    data = tomllib.loads(path.read_text())
-    data["broker"]["enrollment_port"] = 0
-    data["broker"]["operational_port"] = 0
-    path.write_text(tomli_w.dumps(data))
-    running = Gateway(load_settings(home))
+    running = Gateway(load_settings(home_on_free_ports(tmp_path / "home")))
     try:
         await running.start()
         yield running
@@ -123,13 +114,7 @@ async def test_a_hostile_enrollee_is_counted_where_an_operator_can_see_it(
 async def test_a_running_gateway_writes_its_counters_and_says_when_it_stopped(
     tmp_path: Path,
 ) -> None:
-    home = tmp_path / "home"
-    init_home(home)
-    path = home / CONFIG_NAME
-    data = tomllib.loads(path.read_text())
-    data["broker"]["enrollment_port"] = 0
-    data["broker"]["operational_port"] = 0
-    path.write_text(tomli_w.dumps(data))
+    home = home_on_free_ports(tmp_path / "home")
     running = Gateway(load_settings(home))
 
     def shown() -> dict[str, Any]:

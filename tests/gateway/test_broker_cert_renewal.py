@@ -15,46 +15,31 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import tomllib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-import tomli_w
 from cryptography import x509
+from gateway_support import device_context, home_on_free_ports, mosquitto_missing
 
 from gateway import service
 from gateway.broker.tls import TlsMaterial, renewal_due
 from gateway.config import load_settings
-from gateway.home import init_home
 from gateway.mosquitto import (
     Listeners,
     MosquittoBroker,
     MosquittoError,
-    find_dynsec_plugin,
-    find_mosquitto,
 )
 from gateway.service import Gateway
 from gateway.store import IdentityRecord, IdentityState
 from gateway.store_memory import MemoryStore
 from pki.clock import FakeClock
-from pki.keys import LocalSigner
-from pki.profile import MIN_LEAF_LIFETIME, IdentityKind, LeafTemplate
-from simulators.tls import mutual_context, server_auth_context
+from pki.profile import MIN_LEAF_LIFETIME, IdentityKind
+from simulators.tls import server_auth_context
 
-
-def _mosquitto_missing() -> str | None:
-    try:
-        find_mosquitto()
-        find_dynsec_plugin()
-    except MosquittoError as exc:
-        return str(exc)
-    return None
-
-
-_MISSING = _mosquitto_missing()
+_MISSING = mosquitto_missing()
 BROKERS = [
     "embedded",
     pytest.param(
@@ -129,29 +114,6 @@ async def served_on(port: int, tls: ssl.SSLContext, client_id: str) -> x509.Cert
         await session.close()
 
 
-def home(tmp_path: Path) -> Path:
-    init_home(tmp_path)
-    config = tmp_path / "fleetgate.toml"
-    data = tomllib.loads(config.read_text())
-    data["broker"]["enrollment_port"] = 0
-    data["broker"]["operational_port"] = 0
-    config.write_text(tomli_w.dumps(data))
-    return tmp_path
-
-
-def device_context(gateway: Gateway, name: str) -> ssl.SSLContext:
-    """A device certificate of the gateway's issuing CA, as enrollment would give it."""
-    key = LocalSigner.generate()
-    template = LeafTemplate(
-        kind=IdentityKind.DEVICE,
-        name=name,
-        trust_domain=gateway.settings.trust_domain,
-        lifetime=timedelta(hours=1),
-    )
-    cert = gateway.issuer.issue(template, key.public_key())
-    return mutual_context(gateway.ca_chain_pem(), key, cert, (gateway.issuing.certificate,))
-
-
 @dataclass
 class Running:
     gateway: Gateway
@@ -176,7 +138,7 @@ async def running(
             IdentityRecord(name, IdentityKind.DEVICE, IdentityState.ACTIVE, now, now)
         )
     gateway = Gateway(
-        load_settings(home(tmp_path)),
+        load_settings(home_on_free_ports(tmp_path)),
         clock=clock,
         store=store,
         broker_kind=request.param,
@@ -241,7 +203,7 @@ def _chain(gateway: Gateway) -> bytes:
 
 def test_a_certificate_is_due_once_half_its_life_or_less_is_left(tmp_path: Path) -> None:
     clock = FakeClock(datetime.now(UTC))
-    gateway = Gateway(load_settings(home(tmp_path)), clock=clock, store=MemoryStore())
+    gateway = Gateway(load_settings(home_on_free_ports(tmp_path)), clock=clock, store=MemoryStore())
     chain = _chain(gateway)
     half = gateway.broker_cert_lifetime / 2
     end = x509.load_pem_x509_certificates(chain)[0].not_valid_after_utc
@@ -261,7 +223,7 @@ def test_a_certificate_is_due_once_half_its_life_or_less_is_left(tmp_path: Path)
 def test_a_broker_certificate_lifetime_a_leaf_cannot_have_is_refused(
     tmp_path: Path, lifetime: object, error: type[Exception]
 ) -> None:
-    settings = load_settings(home(tmp_path))
+    settings = load_settings(home_on_free_ports(tmp_path))
     with pytest.raises(error):
         Gateway(settings, store=MemoryStore(), broker_cert_lifetime=lifetime)  # type: ignore[arg-type]
 
@@ -275,7 +237,7 @@ class RecordingBroker:
 
 
 async def test_a_cluster_gateway_leaves_the_shared_broker_to_its_keeper(tmp_path: Path) -> None:
-    settings = load_settings(home(tmp_path))
+    settings = load_settings(home_on_free_ports(tmp_path))
     alone = Gateway(settings, store=MemoryStore(), broker_kind="mosquitto")
     member = Gateway(settings, store=MemoryStore(), broker_kind="mosquitto")
     member.cluster = object()  # type: ignore[assignment]  # the job only asks whether there is one
@@ -287,7 +249,7 @@ async def test_a_cluster_gateway_leaves_the_shared_broker_to_its_keeper(tmp_path
 
 
 async def test_an_external_mosquittos_certificate_is_its_owners(tmp_path: Path) -> None:
-    gateway = Gateway(load_settings(home(tmp_path)), store=MemoryStore())
+    gateway = Gateway(load_settings(home_on_free_ports(tmp_path)), store=MemoryStore())
     external = MosquittoBroker(
         tmp_path / "unused",
         Listeners(enrollment_port=1883, operational_port=1884, internal_port=1885),
@@ -302,7 +264,7 @@ async def test_an_external_mosquittos_certificate_is_its_owners(tmp_path: Path) 
 
 
 async def test_a_mosquitto_not_running_refuses_a_renewal(tmp_path: Path) -> None:
-    gateway = Gateway(load_settings(home(tmp_path)), store=MemoryStore())
+    gateway = Gateway(load_settings(home_on_free_ports(tmp_path)), store=MemoryStore())
     broker = MosquittoBroker(
         tmp_path / "mosquitto", Listeners(), gateway.broker_tls(), gateway.crl_pem()
     )

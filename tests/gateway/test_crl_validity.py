@@ -8,23 +8,18 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-import tomllib
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-import tomli_w
 from cryptography import x509
+from gateway_support import device_context, home_on_free_ports, mosquitto_missing
 
 from gateway import retention
 from gateway.config import load_settings
 from gateway.home import init_home
-from gateway.mosquitto import MosquittoError, find_dynsec_plugin, find_mosquitto
 from gateway.service import Gateway
 from gateway.store_memory import MemoryStore
-from pki.keys import LocalSigner
-from pki.profile import IdentityKind, LeafTemplate
-from simulators.tls import mutual_context
 
 CONNACK_ACCEPTED = b"\x20\x02\x00\x00"
 
@@ -57,15 +52,6 @@ def test_a_short_crl_validity_is_honoured_and_resigned_at_a_quarter_of_it(
     assert gateway.crl_refresh_seconds == 30 * 60
 
 
-def _mosquitto_missing() -> str | None:
-    try:
-        find_mosquitto()
-        find_dynsec_plugin()
-    except MosquittoError as exc:
-        return str(exc)
-    return None
-
-
 def _first_answer(port: int, tls: ssl.SSLContext, client_id: str) -> bytes:
     """The broker's first bytes after an MQTT 3.1.1 CONNECT (b"" when it closed instead)."""
     cid = client_id.encode()
@@ -76,19 +62,6 @@ def _first_answer(port: int, tls: ssl.SSLContext, client_id: str) -> bytes:
         return conn.recv(4)
 
 
-def device_context(gateway: Gateway, name: str) -> ssl.SSLContext:
-    """A device certificate of the gateway's issuing CA, as enrollment would give it."""
-    key = LocalSigner.generate()
-    template = LeafTemplate(
-        kind=IdentityKind.DEVICE,
-        name=name,
-        trust_domain=gateway.settings.trust_domain,
-        lifetime=timedelta(hours=1),
-    )
-    cert = gateway.issuer.issue(template, key.public_key())
-    return mutual_context(gateway.ca_chain_pem(), key, cert, (gateway.issuing.certificate,))
-
-
 def next_update_of(path: Path) -> datetime:
     crl = x509.load_pem_x509_crl(path.read_bytes())
     assert crl.next_update_utc is not None
@@ -96,16 +69,11 @@ def next_update_of(path: Path) -> datetime:
 
 
 @pytest.mark.broker
-@pytest.mark.skipif(_mosquitto_missing() is not None, reason="Mosquitto is not installed")
+@pytest.mark.skipif(mosquitto_missing() is not None, reason="Mosquitto is not installed")
 async def test_the_crl_job_gives_mosquitto_a_later_crl_and_devices_still_get_in(
     tmp_path: Path,
 ) -> None:
-    init_home(tmp_path)
-    config = tmp_path / "fleetgate.toml"
-    data = tomllib.loads(config.read_text())
-    data["broker"]["enrollment_port"] = 0
-    data["broker"]["operational_port"] = 0
-    config.write_text(tomli_w.dumps(data))
+    home_on_free_ports(tmp_path)
     gateway = Gateway(load_settings(tmp_path), store=MemoryStore(), broker_kind="mosquitto")
     await gateway.start()
     try:
