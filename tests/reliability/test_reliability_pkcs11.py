@@ -4,7 +4,6 @@ chain that verifies, CRLs, and a private key that never leaves the token."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import PolicyBuilder, Store
+from softhsm_support import softhsm_folder
 
 from gateway.enrollment import EnrollmentService
 from gateway.enrollment.testing import LoopbackGateway, build_enroll
@@ -33,11 +33,6 @@ pkcs11 = pytest.importorskip("pkcs11", reason="python-pkcs11 is not installed")
 
 from gateway.keystore_pkcs11 import Pkcs11KeyStore, Pkcs11Signer  # noqa: E402  after the skip
 
-MODULE_CANDIDATES = (
-    "/usr/lib/softhsm/libsofthsm2.so",
-    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
-)
 LABEL = "fleetgate-test"
 # the root (kept in memory), the issuing CA whose key is in the token, and their clock
 Hierarchy = tuple[CertificateAuthority, CertificateAuthority, FakeClock]
@@ -56,16 +51,7 @@ def pkilint() -> ModuleType:
 
 @pytest.fixture(scope="module")
 def module_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    module = next((m for m in MODULE_CANDIDATES if Path(m).exists()), None)
-    if module is None or shutil.which("softhsm2-util") is None:
-        pytest.skip("SoftHSM2 is not installed (Debian package softhsm2)")
-    folder = tmp_path_factory.mktemp("softhsm")
-    (folder / "tokens").mkdir()
-    config = folder / "softhsm2.conf"
-    config.write_text(
-        f"directories.tokendir = {folder / 'tokens'}\nobjectstore.backend = file\n"
-        "log.level = ERROR\n"
-    )
+    module, config = softhsm_folder(tmp_path_factory)
     previous = os.environ.get("SOFTHSM2_CONF")
     # Read by the module when it is first loaded in this process.
     os.environ["SOFTHSM2_CONF"] = str(config)

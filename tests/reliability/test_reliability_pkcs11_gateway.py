@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -27,6 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.verification import PolicyBuilder, Store
 from reliability_support import FieldDevice, GatewayProcess, fleetgate, free_port
+from softhsm_support import softhsm_folder
 
 from gateway.config import CONFIG_NAME, PKCS11_PIN_ENV, load_settings
 from simulators.factory import MODEL, trust_factory
@@ -34,11 +34,6 @@ from simulators.factory import MODEL, trust_factory
 pytest.importorskip("pkcs11", reason="python-pkcs11 is not installed")
 pytestmark = pytest.mark.slow  # every test runs `fleetgate` a few times
 
-MODULE_CANDIDATES = (
-    "/usr/lib/softhsm/libsofthsm2.so",
-    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
-)
 PIN = "730215-user"
 SO_PIN = "118634-so"
 WRONG_PIN = "999999-wrong"
@@ -88,16 +83,7 @@ class SoftHsm:
 
 @pytest.fixture(scope="module")
 def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
-    module = next((m for m in MODULE_CANDIDATES if Path(m).exists()), None)
-    if module is None or shutil.which("softhsm2-util") is None:
-        pytest.skip("SoftHSM2 is not installed (Debian package softhsm2)")
-    folder = tmp_path_factory.mktemp("softhsm")
-    (folder / "tokens").mkdir()
-    config = folder / "softhsm2.conf"
-    config.write_text(
-        f"directories.tokendir = {folder / 'tokens'}\nobjectstore.backend = file\n"
-        "log.level = ERROR\n"
-    )
+    module, config = softhsm_folder(tmp_path_factory)
     yield SoftHsm(module, config)
 
 
