@@ -878,13 +878,19 @@ class Gateway:
         identity_id = getattr(reply, "issued_to", None)
         if identity_id is None:
             return
+        await self._admit_to_broker(identity_id)
+        self.states.set(identity_id, IdentityState.ACTIVE)
+        # The new expiry and serial (from the registry's record, or read back from a replayed
+        # answer): consoles update the row in place.
+        data = issued_certificate_data(
+            getattr(reply, "payload", None), getattr(reply, "certificate", None)
+        )
+        self.emit("certificate_issued", identity_id, **data)
+
+    async def _admit_to_broker(self, identity_id: str) -> None:
         assert self.broker is not None
         # sync, not apply: a renewing device is in force already and costs nothing here.
         await self.broker.sync([Admitted(identity_id)], certified=True)
-        self.states.set(identity_id, IdentityState.ACTIVE)
-        # The new expiry and serial, read from the answer: consoles update the row in place.
-        data = issued_certificate_data(getattr(reply, "payload", None))
-        self.emit("certificate_issued", identity_id, **data)
 
     async def _every(self, seconds: float, job: Callable[[], object]) -> None:
         """Run ``job`` every ``seconds``: coroutines in the loop, plain functions in a thread

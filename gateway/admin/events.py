@@ -23,6 +23,7 @@ from gateway.admin.wire import encode_event
 from gateway.protocol.codec import decode_response
 from gateway.protocol.errors import ProtocolError
 from gateway.protocol.messages import IssuedCertificate
+from gateway.store import CertificateRecord
 from pki.clock import require_aware
 
 log = logging.getLogger(__name__)
@@ -77,24 +78,33 @@ class EventView:
         return encode_event(self.kind, self.subject, self.at, self.data)
 
 
-def issued_certificate_data(payload: object) -> dict[str, str]:
+def issued_certificate_data(
+    payload: object, certificate: CertificateRecord | None = None
+) -> dict[str, str]:
     """A ``certificate_issued`` event's data: the new certificate's ``not_after`` (ISO 8601) and
-    ``serial`` (hex, as ``get_identity`` shows it), read from the answer sent to the device.
+    ``serial`` (hex, as ``get_identity`` shows it): from its registry record when the caller
+    has it, else read from the answer sent to the device (a replayed answer).
 
     With it a console updates the row in place instead of reloading the whole fleet on every
     renewal. An answer that does not decode to a certificate gives no data (the event still
     says a certificate was issued)."""
+    if certificate is not None:
+        return _issued_data(certificate.not_after, certificate.serial)
     if not isinstance(payload, bytes):
         return {}
     try:
         response = decode_response(payload)
         if not isinstance(response, IssuedCertificate):
             return {}
-        certificate = x509.load_der_x509_certificate(response.certificate)
-        not_after = certificate.not_valid_after_utc
+        parsed = x509.load_der_x509_certificate(response.certificate)
+        not_after = parsed.not_valid_after_utc
     except (ProtocolError, ValueError):
         return {}
-    return {"not_after": not_after.isoformat(), "serial": f"{certificate.serial_number:x}"}
+    return _issued_data(not_after, parsed.serial_number)
+
+
+def _issued_data(not_after: datetime, serial: int) -> dict[str, str]:
+    return {"not_after": not_after.isoformat(), "serial": f"{serial:x}"}
 
 
 Publish = Callable[[bytes], Awaitable[None]]

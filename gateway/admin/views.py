@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from cryptography import x509
 
@@ -34,13 +34,6 @@ def current_certificate(certificates: list[CertificateRecord]) -> CertificateRec
 BULK_LOOKUP_AFTER = 64
 
 
-@runtime_checkable
-class ActiveCertificateSource(Protocol):
-    """A registry that lists every ACTIVE certificate in one query."""
-
-    def active_certificates(self) -> list[CertificateRecord]: ...
-
-
 class CurrentCertificates:
     """The certificate in force per identity, read from the registry only when the identity's
     row changed since the last look.
@@ -63,13 +56,12 @@ class CurrentCertificates:
     def refresh(self, records: Sequence[IdentityRecord]) -> None:
         """Learn the current certificate of every record in ``records`` not known yet."""
         stale = [r for r in records if not self._is_known(r)]
-        store = self._store
-        if len(stale) <= BULK_LOOKUP_AFTER or not isinstance(store, ActiveCertificateSource):
+        if len(stale) <= BULK_LOOKUP_AFTER:
             for record in stale:
                 self(record)
             return
         active: dict[str, list[CertificateRecord]] = {}
-        for certificate in store.active_certificates():
+        for certificate in self._store.active_certificates():
             active.setdefault(certificate.identity_id, []).append(certificate)
         # A change between the listing and this query only makes the certificate fresher than
         # the row's updated_at says; that row's next updated_at differs, so it is read again.
@@ -80,9 +72,8 @@ class CurrentCertificates:
             )
 
     def __call__(self, record: IdentityRecord) -> CertificateRecord | None:
-        known = self._known.get(record.id)
-        if known is not None and known[0] == record.updated_at:
-            return known[1]
+        if self._is_known(record):
+            return self._known[record.id][1]
         certificate = current_certificate(self._store.certificates_for(record.id))
         self._known[record.id] = (record.updated_at, certificate)
         return certificate

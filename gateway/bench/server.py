@@ -247,13 +247,11 @@ def _remember_unknown_identities(seconds: float) -> None:
 
 
 def _admit_in_batches() -> None:
-    """``Gateway._admit_certified`` tells the broker about each certified device on its own: on
+    """``Gateway._admit_to_broker`` tells the broker about each certified device on its own: on
     Mosquitto one ``$CONTROL`` message per device, and the dynamic-security plugin rewrites
     its whole JSON file for each message (O(devices) per admission). Admissions that arrive
     while one is being sent wait and go together in the next message."""
     from gateway import service
-    from gateway.admin.events import issued_certificate_data
-    from gateway.store import IdentityState
 
     waiting: dict[int, list[tuple[str, asyncio.Future[None]]]] = {}
     flushing: dict[int, asyncio.Task[None]] = {}
@@ -276,21 +274,14 @@ def _admit_in_batches() -> None:
                     future.set_result(None)
         flushing.pop(key, None)
 
-    async def admit(self: Any, reply: object) -> None:
-        identity_id = getattr(reply, "issued_to", None)
-        if identity_id is None:
-            return
+    async def admit(self: Any, identity_id: str) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiting.setdefault(id(self), []).append((identity_id, future))
         if id(self) not in flushing:
             flushing[id(self)] = asyncio.ensure_future(flush(self))
         await future
-        self.states.set(identity_id, IdentityState.ACTIVE)
-        # as Gateway._admit_certified: the new expiry and serial, so consoles update in place
-        data = issued_certificate_data(getattr(reply, "payload", None))
-        self.emit("certificate_issued", identity_id, **data)
 
-    service.Gateway._admit_certified = admit  # type: ignore[method-assign]
+    service.Gateway._admit_to_broker = admit  # type: ignore[method-assign]
 
 
 def _emit(message: dict[str, Any]) -> None:

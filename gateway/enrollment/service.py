@@ -265,7 +265,12 @@ class EnrollmentService:
         if issued:
             fault_point("after_row_written")
             self._observe_issued(where.device_id, request, decision.identity)
-        return Publish(where.response, payload, issued_to=where.device_id if issued else None)
+        return Publish(
+            where.response,
+            payload,
+            issued_to=where.device_id if issued else None,
+            certificate=decision.certificate,
+        )
 
     def _observe_issued(
         self, device_id: str, request: Request, registered: IdentityRecord | None

@@ -26,12 +26,6 @@ from pki.profile import IdentityKind
 FLEET = 20_000
 PEM = "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n"
 
-pytestmark = pytest.mark.skipif(
-    not hasattr(SqlStore, "active_certificates"),
-    reason="needs Store.active_certificates() (one query over every active certificate)",
-)
-
-
 class CountingStore(SqlStore):
     """A SQLite registry that counts the certificate lookups made on it."""
 
