@@ -20,13 +20,10 @@ carries a timestamp of its own: the textfile collector skips a whole file that h
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
 import re
 import socket
-import tempfile
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +31,8 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from gateway.files import write_atomic
 
 if TYPE_CHECKING:
     from gateway.service import Gateway
@@ -289,19 +288,11 @@ def metrics_path(home: Path, node: str | None = None) -> Path:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``: a
-    reader opens the old file or the new one. The temporary name does not end in ``.prom``,
-    so a textfile collector reading the folder never picks it up."""
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.chmod(temporary, FILE_MODE)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+    """Replace ``path`` whole with ``text`` (``gateway.files.write_atomic``): a reader opens the
+    old file or the new one. The temporary name ends in ``.tmp``, not ``.prom``, so a textfile
+    collector reading the folder never picks it up. No fsync: the file is rewritten every
+    ``EXPORT_SECONDS``, and one lost in a power cut is rewritten at the next start."""
+    write_atomic(path, text.encode("utf-8"), FILE_MODE, fsync=False, suffix=".tmp")
 
 
 def read_metrics(path: Path) -> MetricsSnapshot:

@@ -3,7 +3,6 @@ checkpoint for safekeeping off the box, read its recent events."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -27,6 +26,7 @@ from gateway.cli.common import (
     print_json,
     settings_for,
 )
+from gateway.files import write_atomic
 from gateway.home import load_audit_public_key
 from gateway.operations import open_store
 from gateway.store import AuditCheckpoint
@@ -144,21 +144,12 @@ def checkpoint_command(
             "run `fleetgate audit verify`"
         )
     try:
-        _write_replacing(output, checkpoint_to_json(newest))
+        # replaced whole: a crash never leaves half a checkpoint where the last good one was;
+        # readable by all, as before: it holds a signature and a hash, nothing secret
+        write_atomic(output, checkpoint_to_json(newest).encode("utf-8"), 0o644, suffix=".partial")
     except OSError as exc:
         fail(escape(f"cannot write {output}: {exc.strerror or exc}"))
     _report_export(newest, output, as_json)
-
-
-def _write_replacing(path: Path, text: str) -> None:
-    """Write through a temporary file and a rename: a crash never leaves half a checkpoint
-    where the last good one was."""
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        partial.write_text(text, encoding="utf-8")
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def _report_export(checkpoint: AuditCheckpoint, output: Path, as_json: bool) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
+
+# re-exported: the broker writes its files with it
+from gateway.files import write_atomic
 
 __all__ = ["rotate_if_large", "write_atomic"]
 
@@ -21,20 +22,3 @@ def rotate_if_large(path: Path, limit: int) -> bool:
         return False
     os.replace(path, path.with_name(path.name + ".1"))
     return True
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync, then rename over ``path``:
-    a reader (Mosquitto on SIGHUP) sees the old file or the new one, never a mix."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
