@@ -97,15 +97,10 @@ def _report_unreadable(path: Path, error: Exception, as_json: bool) -> NoReturn:
     reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
     problem = f"cannot use the exported checkpoint {path}: {reason}"
     if as_json:
-        print_json(
-            {
-                "ok": False,
-                "checked": 0,
-                "first_bad_seq": None,
-                "problem": problem,
-                "last_checkpoint_seq": None,
-            }
+        verdict = ChainVerdict(
+            ok=False, first_bad_seq=None, problem=problem, checked=0, last_checkpoint_seq=None
         )
+        print_json(_verdict_json(verdict))
         raise typer.Exit(1)
     fail(escape(problem))
 
