@@ -42,6 +42,7 @@ from gateway.keystore import EncryptedFileKeyStore
 from gateway.keystore_pkcs11 import Pkcs11KeyStore
 from pki.ca import CertificateAuthority, create_issuing_ca, create_root_ca
 from pki.clock import Clock, SystemClock
+from pki.csr import public_key_fingerprint
 from pki.errors import KeyStoreError, Reason
 from pki.keys import KeyType, Signer
 
@@ -152,7 +153,7 @@ def init_home(
     try:
         return _create(
             home, trust_domain, key_type, passphrase, passphrase_file, force, clock,
-            ca_settings, token,
+            ca_settings, token, kept,
         )
     finally:
         if token is not None:
@@ -242,6 +243,7 @@ def _create(
     clock: Clock,
     ca_settings: CaSettings,
     token: Pkcs11KeyStore | None,
+    kept: Settings | None,
 ) -> InitResult:
     ca_dir = home / "ca"
     root_path, issuing_path = ca_dir / "root.crt", ca_dir / "issuing.crt"
@@ -288,19 +290,19 @@ def _create(
     # An existing fleetgate.toml is the operator's (ports, policy, database): kept, even on
     # --force, which replaces the CA only.
     notes: list[str] = []
-    config_written = not config.exists()
-    if config_written:
+    config_written = kept is None
+    if kept is None:
         config.write_text(
             render_default_config(
                 trust_domain, key_type, _recorded(home, passphrase_file), ca_settings
             )
         )
     else:
-        kept = load_settings(home).passphrase_path.resolve()
+        recorded = kept.passphrase_path.resolve()
         source = generated if generated is not None else passphrase_file
-        if source is not None and source.resolve() != kept:
+        if source is not None and source.resolve() != recorded:
             notes.append(
-                f"{config} keeps passphrase_file pointing at {kept}: set it to {source}, "
+                f"{config} keeps passphrase_file pointing at {recorded}: set it to {source}, "
                 "or the gateway cannot open its new keys"
             )
     return InitResult(
@@ -384,7 +386,9 @@ def _token_issuing_key(
             f"token {ca.pkcs11_token_label!r} holds no key named {ISSUING_KEY!r}: "
             "run `fleetgate init --key-store pkcs11` for this home, or name the token that does",
         ) from None
-    if _spki(signer.public_key()) != _spki(certificate.public_key()):
+    if public_key_fingerprint(signer.public_key()) != public_key_fingerprint(
+        certificate.public_key()
+    ):
         # Checked here with a message of its own: CertificateAuthority would only say "does not
         # match", and a gateway signing with the wrong key issues nothing that verifies.
         raise KeyStoreError(
@@ -393,12 +397,6 @@ def _token_issuing_key(
             f"{where} (was the token's key replaced by another init?)",
         )
     return signer
-
-
-def _spki(key: object) -> bytes:
-    return cast(CertificatePublicKeyTypes, key).public_bytes(
-        Encoding.DER, PublicFormat.SubjectPublicKeyInfo
-    )
 
 
 def load_keys(settings: Settings) -> GatewayKeys:

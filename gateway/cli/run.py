@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Annotated, TypeVar
 
@@ -29,6 +29,7 @@ from gateway.collector import CollectorPolicy
 from gateway.config import (
     CONFIG_NAME,
     DATABASE_ENV,
+    MIN_CERT_LIFETIME,
     ConfigError,
     Settings,
     check_database_url,
@@ -132,12 +133,12 @@ def _opened(settings: Settings, build: Callable[[], T]) -> T:
         fail(f"cannot start the gateway: {exc}")
 
 
-def _busy_ports(host: str, ports: Mapping[str, int]) -> list[str]:
-    """The names of ``ports`` (setting -> port) another process listens on now. Asked after a
-    failed start, when ours are closed again: a bind that fails with EADDRINUSE is someone
-    else's (SO_REUSEADDR, as the brokers bind, so a port in TIME_WAIT does not count)."""
+def _busy_ports(host: str, ports: Iterable[tuple[int, str]]) -> list[tuple[int, str]]:
+    """The ``(port, what sets it)`` pairs of ``ports`` another process listens on now. Asked
+    after a failed start, when ours are closed again: a bind that fails with EADDRINUSE is
+    someone else's (SO_REUSEADDR, as the brokers bind, so a port in TIME_WAIT does not count)."""
     busy = []
-    for name, port in ports.items():
+    for port, source in ports:
         if port == 0:
             continue  # the system picks a free one
         try:
@@ -153,7 +154,7 @@ def _busy_ports(host: str, ports: Mapping[str, int]) -> list[str]:
                     probe.bind(address)
                 except OSError as exc:
                     if exc.errno == errno.EADDRINUSE:
-                        busy.append(name)
+                        busy.append((port, source))
                         break
     return busy
 
@@ -183,13 +184,12 @@ async def _start_or_fail(
                 await stop()
             except Exception:  # what failed to start may not stop cleanly: the cause is exc
                 log.debug("stopping after a failed start", exc_info=True)
-        by_setting = {source: port for port, source in ports.values()}
-        busy = _busy_ports(host, by_setting)
+        busy = _busy_ports(host, ports.values())
         if busy:
             fail(
                 "; ".join(
-                    f"port {by_setting[source]} on {host} is already in use (set by {source})"
-                    for source in busy
+                    f"port {port} on {host} is already in use (set by {source})"
+                    for port, source in busy
                 )
                 + ": stop what listens there, or choose another port (0 lets the system pick)"
             )
@@ -374,8 +374,8 @@ def demo_command(
         fail("--enrollment-port and --operational-port must differ")
     if devices < 1:
         fail("--devices must be at least 1")
-    if cert_lifetime is not None and cert_lifetime < 60:
-        fail("--cert-lifetime must be at least 60 seconds")
+    if cert_lifetime is not None and cert_lifetime < MIN_CERT_LIFETIME:
+        fail(f"--cert-lifetime must be at least {MIN_CERT_LIFETIME} seconds")
     if duration is not None and duration <= 0:
         fail("--duration must be more than 0 seconds")
     folder = resolve_home(home)
