@@ -16,9 +16,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
 from datetime import datetime
 
+from gateway.enrollment.policy import SHA256_HEX
 from gateway.store import AuditCheckpoint
 
 __all__ = [
@@ -33,7 +33,6 @@ DOCUMENT_TYPE = "fleetgate-audit-checkpoint"
 DOCUMENT_VERSION = 1
 
 _FIELDS = {"type", "version", "seq", "hash", "at", "key_id", "signature"}
-_HEX_64 = re.compile(r"[0-9a-f]{64}")
 
 
 class CheckpointFileError(ValueError):
@@ -101,7 +100,7 @@ def _seq(value: object) -> int:
 
 
 def _hex_64(name: str, value: object) -> str:
-    if not isinstance(value, str) or not _HEX_64.fullmatch(value):
+    if not isinstance(value, str) or not SHA256_HEX.fullmatch(value):
         raise CheckpointFileError(f"{name} must be 64 lower-case hex digits")
     return value
 
