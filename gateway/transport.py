@@ -199,6 +199,12 @@ class MqttTransport:
         """
         self._address = address
         self._routes = list(routes)
+        # Routes by filter, in the order first seen: a message is matched once per filter (the
+        # behaviour watch and the admin API's telemetry counter share one).
+        by_filter: dict[str, list[Route]] = {}
+        for route in self._routes:
+            by_filter.setdefault(route.topic_filter, []).append(route)
+        self._by_filter = {f: tuple(group) for f, group in by_filter.items()}
         self._prepare = prepare
         self._max_backoff = max_backoff
         if not connect_timeout > 0:
@@ -361,21 +367,19 @@ class MqttTransport:
         """Hand the message to every route that takes it (two routes may share a filter: the
         behaviour watch and the admin API's telemetry counter); a standby route left a moment
         ago takes nothing more."""
-        counted: set[str] = set()
-        for route in self._routes:
-            if not topic_matches(route.topic_filter, topic):
+        for topic_filter, routes in self._by_filter.items():
+            if not topic_matches(topic_filter, topic):
                 continue
-            if route.topic_filter not in counted:  # what the broker sent, by filter
-                counted.add(route.topic_filter)
-                self.received[route.topic_filter] += 1
-            if not self._subscribed(route):
-                continue
-            if route.inline:
-                self._answer_inline(route, topic, payload)
-            elif self._queue.put(device_of(topic) or topic, _Request(route, topic, payload)):
-                self.stats["queued"] += 1
-            else:
-                self.stats["dropped"] += 1
+            self.received[topic_filter] += 1  # what the broker sent, by filter
+            for route in routes:
+                if not self._subscribed(route):
+                    continue
+                if route.inline:
+                    self._answer_inline(route, topic, payload)
+                elif self._queue.put(device_of(topic) or topic, _Request(route, topic, payload)):
+                    self.stats["queued"] += 1
+                else:
+                    self.stats["dropped"] += 1
 
     async def _serve(self) -> None:
         """Take requests in their fair order, one at a time through the worker thread."""
