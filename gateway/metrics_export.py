@@ -344,10 +344,6 @@ class MetricsWriter:
         self._failing = False
         self._wrote = False  # whether the file at ``path`` is this writer's
 
-    @property
-    def wrote(self) -> bool:
-        return self._wrote
-
     def write(self) -> bool:
         with self._lock:
             return False if self._closed else self._write_locked(up=True)

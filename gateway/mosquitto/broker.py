@@ -593,8 +593,9 @@ class MosquittoBroker:
                 # the admin link reads the main instance's notices before the bridge can
                 # connect, so the bridge's arrival is not missed
                 await self._start_link(self._admin)
-                # nobody else knows the new process yet: every session is seen begin
-                self._sessions_whole = self._follow_sessions
+                # nobody else knows the new process yet: every session is seen begin (a
+                # broker we start is always followed: __init__ and follow_sessions refuse less)
+                self._sessions_whole = True
                 await self._start_enrollment()
                 await self._start_link(self._monitor)
                 await self._await_bridges()

@@ -112,10 +112,6 @@ class HandshakeWatch:
         self._pending: OrderedDict[str, int] = OrderedDict()  # address -> port, oldest first
         self._errors: list[str] = []
 
-    @property
-    def tls_ports(self) -> frozenset[int]:
-        return self._tls_ports
-
     def feed(self, line: str) -> HandshakeRefused | None:
         """Take one log line of any level (with or without its timestamp); returns the
         handshake it shows refused, else None."""
