@@ -5,7 +5,6 @@ nothing asked of the gateway."""
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,6 +22,7 @@ from gateway.cli.common import (
     print_json,
     resolve_home,
 )
+from gateway.cluster.names import NODE_NAME, NODE_NAME_RULE
 from gateway.metrics_export import (
     EXPORT_SECONDS,
     SECTIONS,
@@ -43,8 +43,6 @@ NodeOption = Annotated[
         show_default=False,
     ),
 ]
-# a cluster node name (gateway.cluster.member): also keeps the file name inside the home
-_NODE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,63}")
 # counters an operator looks at first: something was turned away or went wrong
 _ALARMING = ("rejected.", "refused.", "denied.", "errors.", "clones")
 
@@ -76,8 +74,9 @@ def _metrics_file(home: Path, node: str | None) -> Path:
     gateway of a cluster writes here, or only one of those that wrote here still runs, its
     file (a gateway that stopped cleanly says so in its file; one killed stops writing)."""
     if node is not None:
-        if _NODE_NAME.fullmatch(node) is None:
-            fail(escape(f"--node {node!r}: letters, digits, '_', '.', '-' (max 63)"), code=2)
+        # the names a gateway of a cluster accepts: they also keep the file inside the home
+        if NODE_NAME.fullmatch(node) is None:
+            fail(escape(f"--node {node!r}: {NODE_NAME_RULE}"), code=2)
         return metrics_path(home, node)
     single = metrics_path(home)
     if single.exists():

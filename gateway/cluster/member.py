@@ -15,6 +15,7 @@ from gateway.acl import Principal
 from gateway.cluster.election import LeaderLock, Leadership, PostgresLeaderLock
 from gateway.cluster.enforced import ENFORCED_TOPIC, EnforcementWatch, announcement
 from gateway.cluster.errors import ClusterError, ClusterReason
+from gateway.cluster.names import NODE_NAME, NODE_NAME_RULE
 from gateway.cluster.sessions import SESSIONS_ASK_TOPIC, SessionsAsker, answer, parse_question
 from gateway.cluster.shared_broker import SharedBroker, SharedBrokerControl, load_shared_broker
 from gateway.config import Settings
@@ -31,7 +32,6 @@ SHARE_GROUP = "fleetgate"
 """Shared-subscription group of every gateway: ``$share/fleetgate/<request filter>``."""
 
 BROKER_COMMAND_TIMEOUT = 30.0
-_NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
 def default_node_name() -> str:
@@ -59,8 +59,8 @@ class ClusterMember:
         enforce_timeout: float = 10.0,
     ) -> None:
         name = node if node is not None else default_node_name()
-        if not isinstance(name, str) or _NODE.fullmatch(name) is None:
-            raise ValueError(f"node name {name!r}: letters, digits, '_', '.', '-' (max 63)")
+        if not isinstance(name, str) or NODE_NAME.fullmatch(name) is None:
+            raise ValueError(f"node name {name!r}: {NODE_NAME_RULE}")
         if not enforce_timeout > 0:
             raise ValueError("enforce_timeout must be positive")
         self.node = name
