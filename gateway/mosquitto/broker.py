@@ -36,7 +36,7 @@ order they were made. A refused command raises ``MosquittoError(COMMAND_FAILED)`
 plugin's error text, in the caller whose change it was. The same connection reads the
 main instance's connection notices; a monitor connection reads the enrollment instance's. From
 them come ``connected()`` and the callbacks ``on_connect(principal, "host:port")`` ("[host]:port"
-for an IPv6 peer, as the embedded broker writes one: ``handshakes.logged_peer``) and
+for an IPv6 peer, as the embedded broker writes one: ``log_lines.logged_peer``) and
 ``on_disconnect(principal)`` (approximate: notices sent while a connection was down are missed;
 a broker restart counts as every session ending). The ``observer`` (``gateway.observe``) hears
 the same as ``Connected(identity, "host:port")`` and ``Disconnected(identity)``, for
@@ -121,7 +121,7 @@ from gateway.mosquitto.enrollment import (
 )
 from gateway.mosquitto.errors import MosquittoError, MosquittoReason
 from gateway.mosquitto.files import rotate_if_large, write_atomic
-from gateway.mosquitto.handshakes import HandshakeRefused, HandshakeWatch, logged_peer
+from gateway.mosquitto.handshakes import HandshakeRefused, HandshakeWatch
 from gateway.mosquitto.patterns import render_device_patterns
 from gateway.mosquitto.process import (
     MosquittoProcess,
@@ -858,7 +858,7 @@ class MosquittoBroker:
                 self._operators.add(session.client_id)
         if principal is None:
             return
-        address = logged_peer(session.address)  # "[v6]:port", as the embedded broker's
+        address = session.address  # "[v6]:port", as the embedded broker's (Session)
         try:
             if connected and self._on_connect is not None:
                 self._on_connect(principal, address)
@@ -1216,7 +1216,7 @@ class MosquittoBroker:
         if current.port != self._ports["operational"] or current.username is None:
             return
         known = self._enforced.get(current.username)
-        first, second = logged_peer(previous.address), logged_peer(current.address)
+        first, second = previous.address, current.address
         if (
             known is None
             or known.kind is not IdentityKind.DEVICE

@@ -36,12 +36,11 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from gateway.broker.refusals import RefusalReason, peer_address, remote_host
+from gateway.broker.refusals import RefusalReason, remote_host
+from gateway.mosquitto.log_lines import MAX_PENDING, NEW_CONNECTION, log_text, logged_peer
 
-__all__ = ["HandshakeRefused", "HandshakeWatch", "logged_peer", "refusal_reason"]
+__all__ = ["HandshakeRefused", "HandshakeWatch", "refusal_reason"]
 
-_TIMESTAMP = re.compile(r"^\d+: ")
-_NEW_CONNECTION = re.compile(r"^New connection from (?P<address>\S+) on port (?P<port>\d+)\.$")
 _CONNECTED = re.compile(r"^New (?:client|bridge) connected from (?P<address>\S+) as ")
 _OPENSSL_ERROR = re.compile(r"^OpenSSL Error\[(?P<index>\d+)\]: (?P<error>.*)$")
 # a connection that never completed its CONNECT has no client id yet
@@ -49,7 +48,6 @@ _UNKNOWN_ENDED = re.compile(r"^Client <unknown> ")
 _ACCEPT_FAILED = re.compile(r"^Client connection from (?P<host>\S+) failed: (?P<error>.*?)\.?$")
 # OpenSSL's "error:<code>:<library>::<reason>" (3.x) or "error:<code>:<lib>:<func>:<reason>"
 _ERROR_REASON = re.compile(r"^error:[0-9A-Fa-f]+:(?:[^:]*:){2}(?P<reason>.+)$")
-_MAX_PENDING = 4096  # handshakes that never end (a silent client) cannot grow the table
 
 # OpenSSL's reason text -> our code; the first match wins
 _REASONS: tuple[tuple[str, RefusalReason], ...] = (
@@ -71,16 +69,6 @@ def refusal_reason(error: str) -> RefusalReason:
     if _CLIENT_ALERT.match(text):
         return RefusalReason.CLIENT_REJECTED_SERVER
     return RefusalReason.TLS_HANDSHAKE_FAILED
-
-
-def logged_peer(address: str) -> str:
-    """A peer as Mosquitto logs it, "%s:%d" with an IPv6 host unbracketed ("::1:50106"),
-    written as ``peer_address`` writes one ("[::1]:50106"), which ``remote_host`` reads
-    unambiguously. Anything else (IPv4, bracketed already, no port) is returned as is."""
-    host, sep, port = address.rpartition(":")
-    if sep and ":" in host and not host.startswith("[") and port.isdigit():
-        return peer_address(host, int(port))
-    return address
 
 
 def _error_text(error: str) -> str:
@@ -115,9 +103,7 @@ class HandshakeWatch:
     def feed(self, line: str) -> HandshakeRefused | None:
         """Take one log line of any level (with or without its timestamp); returns the
         handshake it shows refused, else None."""
-        if not isinstance(line, str):
-            raise TypeError(f"line must be a str, not {type(line).__name__}")
-        text = _TIMESTAMP.sub("", line.rstrip("\r\n"), count=1)
+        text = log_text(line)
         if (match := _OPENSSL_ERROR.match(text)) is not None:
             if match["index"] == "0":
                 self._errors = []
@@ -127,11 +113,11 @@ class HandshakeWatch:
         # "Client <unknown> ..." follows at once. After any other line (a live session's
         # "Client dev-a disconnected", say) they were that connection's, never a later one's.
         errors, self._errors = self._errors, []
-        if (match := _NEW_CONNECTION.match(text)) is not None:
+        if (match := NEW_CONNECTION.match(text)) is not None:
             address = logged_peer(match["address"])
             self._pending[address] = int(match["port"])
             self._pending.move_to_end(address)
-            while len(self._pending) > _MAX_PENDING:
+            while len(self._pending) > MAX_PENDING:
                 self._pending.popitem(last=False)
         elif (match := _CONNECTED.match(text)) is not None:
             self._pending.pop(logged_peer(match["address"]), None)  # its handshake succeeded

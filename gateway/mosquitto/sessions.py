@@ -31,11 +31,10 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from gateway.mosquitto.log_lines import MAX_PENDING, NEW_CONNECTION, log_text, logged_peer
+
 __all__ = ["Connected", "Disconnected", "Session", "SessionTracker"]
 
-# "<epoch>: " unless log_timestamp_format was changed
-_TIMESTAMP = re.compile(r"^\d+: ")
-_NEW_CONNECTION = re.compile(r"^New connection from (?P<address>\S+) on port (?P<port>\d+)\.$")
 _CONNECTED = re.compile(
     r"^New (?:client|bridge) connected from (?P<address>\S+) as (?P<client>.+)"
     r" \(p\d+, c\d+, k\d+(?:, u'(?P<username>.*)')?\)\.$"
@@ -46,9 +45,6 @@ _DISCONNECTED = re.compile(
     r"|has exceeded timeout)"
 )
 _SOCKET_ERROR = re.compile(r"^Socket error on client (?P<client>.+?), disconnecting\.$")
-# Unanswered "New connection" lines (failed handshakes never get a "connected" line) are kept
-# only this long, so a flood of refused handshakes cannot grow the table.
-_MAX_PENDING = 4096
 
 
 @dataclass(frozen=True)
@@ -56,7 +52,12 @@ class Session:
     client_id: str
     port: int | None  # the listener's port; None when the connection line was missed
     username: str | None
-    address: str
+    address: str  # "host:port"; "[host]:port" for IPv6, as the embedded broker writes one
+
+    def __post_init__(self) -> None:
+        # Mosquitto logs an IPv6 peer unbracketed ("::1:50106"): rewritten once, here, so every
+        # reader (the callbacks, the observer, clone judgement) gets the form remote_host reads
+        object.__setattr__(self, "address", logged_peer(self.address))
 
 
 @dataclass(frozen=True)
@@ -83,13 +84,11 @@ class SessionTracker:
     def feed(self, line: str) -> Connected | Disconnected | None:
         """Take one log line (with or without its timestamp); unknown lines are ignored.
         Returns the session that began or ended with it, else None."""
-        if not isinstance(line, str):
-            raise TypeError(f"line must be a str, not {type(line).__name__}")
-        text = _TIMESTAMP.sub("", line.rstrip("\r\n"), count=1)
-        if (match := _NEW_CONNECTION.match(text)) is not None:
+        text = log_text(line)
+        if (match := NEW_CONNECTION.match(text)) is not None:
             self._pending[match["address"]] = int(match["port"])
             self._pending.move_to_end(match["address"])
-            while len(self._pending) > _MAX_PENDING:
+            while len(self._pending) > MAX_PENDING:
                 self._pending.popitem(last=False)
         elif (match := _CONNECTED.match(text)) is not None:
             address = match["address"]

@@ -42,7 +42,7 @@ from gateway.mosquitto import (
     ServerTlsMaterial,
     dynsec,
 )
-from gateway.mosquitto.handshakes import logged_peer
+from gateway.mosquitto.log_lines import logged_peer
 from gateway.mosquitto.sessions import Session
 from gateway.observe import Observation
 from gateway.protocol import topics

@@ -25,7 +25,8 @@ from test_mosquitto_broker import (  # the Mosquitto test kit: PKI, clients, bro
 
 from gateway.broker.refusals import RefusalReason, RefusedConnection, remote_host
 from gateway.mosquitto import HandshakeRefused, HandshakeWatch, Listeners, MosquittoBroker
-from gateway.mosquitto.handshakes import logged_peer, refusal_reason
+from gateway.mosquitto.handshakes import refusal_reason
+from gateway.mosquitto.log_lines import logged_peer
 from gateway.store import IdentityState
 from pki.issue import Issuer
 from pki.testing import make_issuing_ca
