@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ import tomli_w
 from gateway.admin.client import AdminClient, AdminError
 from gateway.admin.profile import load_profile
 from gateway.config import CONFIG_NAME, PASSPHRASE_ENV, load_settings
+from gateway.mosquitto import free_port
 from pki.factory import FactoryCA
 from simulators.device import SensorOptions, SimulatedSensor
 from simulators.factory import MANUFACTURER, MODEL, place_factory_root
@@ -55,13 +55,6 @@ START_TIMEOUT_S = 60.0
 
 def step(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def fleetgate(*args: str, env: dict[str, str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
