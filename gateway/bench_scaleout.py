@@ -268,6 +268,8 @@ async def _enroll_fleet(
 
 
 def _cpu_each(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds of each gateway, 0.0 for one gone: unlike ``_read_each``, every name stays,
+    for the sums over every gateway that follow."""
     return {name: _cpu([pid]) for name, pid in pids.items()}
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 __all__ = ["ProcessSample", "context_switches", "main_thread_cpu", "sample", "sample_all"]
 
 _TICKS = os.sysconf("SC_CLK_TCK")
+_VOLUNTARY, _INVOLUNTARY = "voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,17 @@ def _cpu_of(stat: str) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
 
 
+def _status_numbers(status: str, keys: tuple[str, ...]) -> dict[str, int]:
+    """The ``keys`` found in the text of a /proc/<pid>/status, each as the number its value
+    starts with ("VmRSS:    1234 kB" is 1234)."""
+    found = {}
+    for line in status.splitlines():
+        key, _, value = line.partition(":")
+        if key in keys:
+            found[key] = int(value.split()[0])
+    return found
+
+
 def main_thread_cpu(pid: int) -> float:
     """CPU seconds of the process's main thread alone (an asyncio service's event loop; the
     rest of ``sample(pid).cpu_seconds`` is its other threads'). Raises ``ProcessLookupError``
@@ -50,13 +62,8 @@ def sample(pid: int) -> ProcessSample:
         status = Path(f"/proc/{pid}/status").read_text()
     except FileNotFoundError:
         raise ProcessLookupError(pid) from None
-    cpu = _cpu_of(stat)
-    memory = {}
-    for line in status.splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            memory[key] = int(value.split()[0])
-    return ProcessSample(pid, cpu, memory.get("VmRSS", 0), memory.get("VmHWM", 0))
+    memory = _status_numbers(status, ("VmRSS", "VmHWM"))
+    return ProcessSample(pid, _cpu_of(stat), memory.get("VmRSS", 0), memory.get("VmHWM", 0))
 
 
 def sample_all(pids: list[int]) -> list[ProcessSample]:
@@ -84,10 +91,7 @@ def context_switches(pid: int) -> tuple[int, int]:
             status = (task / "status").read_text()
         except FileNotFoundError:
             continue  # a thread that ended meanwhile
-        for line in status.splitlines():
-            key, _, value = line.partition(":")
-            if key == "voluntary_ctxt_switches":
-                voluntary += int(value)
-            elif key == "nonvoluntary_ctxt_switches":
-                involuntary += int(value)
+        switches = _status_numbers(status, (_VOLUNTARY, _INVOLUNTARY))
+        voluntary += switches.get(_VOLUNTARY, 0)
+        involuntary += switches.get(_INVOLUNTARY, 0)
     return voluntary, involuntary
